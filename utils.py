@@ -1,0 +1,288 @@
+"""Training helpers: replay buffer, LR schedule, checkpoints, seeding, and the loss logger
+(losses.csv, progress bar, and visdom plots that can never stall training)."""
+import csv
+import functools
+import os
+import random
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import requests
+import torch
+from tqdm import tqdm
+
+
+class ReplayBuffer:
+    """The last max_size fakes (Shrivastava et al. 2017): half the time D sees an older fake instead of the new one."""
+
+    def __init__(self, max_size=50, seed=0):
+        self.max_size, self.data = max_size, []
+        self.generator = torch.Generator().manual_seed(seed)  # own stream, saved in checkpoints
+
+    def push_and_pop(self, batch):
+        out = []
+        for x in batch.detach().unsqueeze(1):  # (B, 1, C, H, W)
+            if len(self.data) < self.max_size:
+                self.data.append(x)
+                out.append(x)
+            elif torch.rand(1, generator=self.generator).item() > 0.5:
+                i = torch.randint(self.max_size, (1,), generator=self.generator).item()
+                out.append(self.data[i])
+                self.data[i] = x
+            else:
+                out.append(x)
+        return torch.cat(out)
+
+    def state_dict(self):
+        return {"data": [x.cpu() for x in self.data], "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state, device):
+        self.data = [x.to(device) for x in state["data"]]
+        self.generator.set_state(state["generator"])
+
+
+def linear_decay(n_epochs, decay_epoch):
+    """LR factor of the paper: 1 until decay_epoch, then linearly down to 0 at n_epochs."""
+    return lambda epoch: 1.0 - max(0, epoch - decay_epoch) / (n_epochs - decay_epoch)
+
+
+def set_requires_grad(nets, flag):
+    for net in nets:
+        for p in net.parameters():
+            p.requires_grad_(flag)
+
+
+def unwrap(model):
+    """The plain module under DDP / torch.compile wrappers, so saved keys carry no module. / _orig_mod. prefix."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def rng_state():
+    """Every global random generator's state, as types torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def atomic_save(obj, path):
+    """torch.save via a temporary file, fsync and os.replace: a crash or a full disk mid-write leaves the old file whole."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def tensor2image(x):
+    """(C, H, W) in [-1, 1] -> (3, H, W) uint8 for display."""
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return (x.expand(3, -1, -1) if x.shape[0] == 1 else x).numpy()
+
+
+class Logger:
+    """Averages the losses over each display interval on the device (one sync per interval), then appends a row
+    to losses.csv, updates the progress bar (or prints a line when stderr is not a terminal) and hands the
+    history to the visdom plotter. A non-finite loss raises FloatingPointError naming the loss and the step."""
+
+    def __init__(self, output_dir, names, batch_size, total_steps, step=0, seconds=0.0, plotter=None):
+        self.path = Path(output_dir) / "losses.csv"
+        self.names, self.batch_size, self.total_steps, self.plotter = names, batch_size, total_steps, plotter
+        self.columns = ["step", "epoch", *names, "lr", "seconds"]
+        self.rows = self._read_history(step)
+        self.pending, self.last_step = [], step
+        self.t_start, self.t_last = time.time() - seconds, time.time()
+        self.tty = sys.stderr.isatty()
+        self.bar = None
+
+    def _read_history(self, step):
+        """The rows up to `step`: rows a killed run logged after its last checkpoint are redone, so dropped."""
+        rows = []
+        if self.path.exists() and step > 0:
+            with open(self.path, newline="") as f:
+                rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f) if float(r["step"]) <= step]
+        elif self.path.exists():  # a fresh run: keep the old file under another name
+            self.path.rename(self.path.with_name(f"losses.{int(self.path.stat().st_mtime)}.csv"))
+        tmp = self.path.with_name("losses.csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.columns)
+            writer.writeheader()
+            writer.writerows({k: r.get(k, float("nan")) for k in self.columns} for r in rows)
+        os.replace(tmp, self.path)
+        return rows
+
+    def seconds(self):
+        """Training time of the whole run, over resumes."""
+        return time.time() - self.t_start
+
+    def begin_epoch(self, epoch, n_epochs, done, steps_per_epoch):
+        self.bar = tqdm(total=steps_per_epoch, initial=done, desc=f"epoch {epoch + 1}/{n_epochs}", unit="step",
+                        disable=not self.tty, dynamic_ncols=True, leave=False)
+
+    def step(self, losses):
+        """losses: name -> 0-d tensor, kept on the device until the next flush."""
+        self.pending.append(torch.stack([losses[n].detach().float() for n in self.names]))
+        self.bar.update(1)
+
+    def flush(self, step, epoch, lr, images=None):
+        """Close the interval ending at `step` (epoch: fractional epochs done)."""
+        if not self.pending:
+            return
+        values = torch.stack(self.pending).cpu()  # (steps, losses)
+        bad = ~torch.isfinite(values)
+        if bad.any():
+            k, j = bad.nonzero()[0].tolist()
+            raise FloatingPointError(f"{self.names[j]} became {values[k, j].item()} at step {self.last_step + k + 1}")
+        now = time.time()
+        row = {"step": step, "epoch": epoch, **dict(zip(self.names, values.mean(0).tolist())), "lr": lr,
+               "seconds": round(self.seconds(), 3)}
+        self.rows.append(row)
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.columns).writerow(row)
+        speed = (step - self.last_step) / max(now - self.t_last, 1e-9)
+        eta = time.strftime("%H:%M:%S", time.gmtime((self.total_steps - step) / speed))
+        stats = {"G": f"{row['loss_G']:.3f}", "D": f"{row['loss_D']:.3f}", "img/s": f"{speed * self.batch_size:.1f}", "eta": eta}
+        if self.tty:
+            self.bar.set_postfix(stats, refresh=False)
+        else:
+            print(f"epoch {epoch:.3f} step {step} " + " ".join(f"{k} {v}" for k, v in stats.items()), flush=True)
+        if self.plotter:
+            self.plotter.submit(self.rows, images)
+        self.pending, self.last_step, self.t_last = [], step, now
+
+    def end_epoch(self):
+        self.bar.close()
+
+    def close(self):
+        if self.bar:
+            self.bar.close()
+        if self.plotter:
+            self.plotter.close()
+
+
+class VisdomPlotter:
+    """Plots the loss history and sample images in visdom from a background thread.
+
+    The training thread only hands over a reference to the history; every request has a timeout. A server that
+    is down, slow or restarted costs one warning line, and as soon as it answers it is sent the whole history."""
+
+    MARKER = "run"  # a small text window: when it is missing the server is new and gets everything again
+
+    def __init__(self, server, port, env, names, timeout=5.0, verbose=True):
+        self.server, self.port, self.env, self.names, self.timeout = server, port, env, names, timeout
+        self.rows, self.n_rows, self.images = [], 0, None
+        self.sent, self.sent_epochs, self.vis, self.up, self.verbose = 0, 0, None, None, verbose
+        self.lock, self.wake, self.closing = threading.Lock(), threading.Event(), False
+        self.thread = threading.Thread(target=self._run, name="visdom", daemon=True)
+        self.thread.start()
+        self.wake.set()  # connect now, so a missing server is reported at start
+
+    def submit(self, rows, images=None):
+        with self.lock:
+            self.rows, self.n_rows = rows, len(rows)  # rows is append-only: rows[:n_rows] is stable
+            self.images = images if images is not None else self.images
+        self.wake.set()
+
+    def close(self, wait=10.0):
+        """Send what is pending, waiting at most `wait` seconds."""
+        self.closing = True
+        self.wake.set()
+        self.thread.join(wait)
+
+    def _run(self):
+        while True:
+            self.wake.wait()
+            self.wake.clear()
+            closing = self.closing
+            try:
+                self._update()
+                if self.up is False and self.verbose:
+                    tqdm.write(f"visdom: {self.server}:{self.port} answers now; sent the whole history to env '{self.env}'")
+                self.up = True
+            except Exception as e:
+                if self.up is not False and self.verbose:
+                    tqdm.write(f"visdom: cannot reach {self.server}:{self.port} ({type(e).__name__}); training goes on, "
+                               f"and the plots catch up once the server answers (python -m visdom.server)")
+                self.up = False
+            if closing:
+                return
+
+    def _connect(self):
+        from visdom import Visdom
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            vis = Visdom(self.server, port=self.port, env=self.env, send=False, use_incoming_socket=False,
+                         raise_exceptions=True)
+        session = requests.Session()
+        # The client sets no timeout: one dropped connection would hang its thread for good.
+        session.request = functools.partial(session.request, timeout=self.timeout)
+        vis._session, vis.send = session, True
+        return vis
+
+    def _update(self):
+        self.vis = self.vis or self._connect()
+        with self.lock:
+            rows, images = self.rows[:self.n_rows], self.images
+        if self.env not in self.vis.get_env_list() or not self.vis.win_exists(self.MARKER, env=self.env):
+            self.sent = self.sent_epochs = 0
+        if self.sent == 0 and rows:
+            self.vis.text(f"CycleGAN run: {self.env}", win=self.MARKER, env=self.env)
+        new = rows[self.sent:]
+        epochs = epoch_means(rows, self.names + ["lr"])
+        for name in self.names + ["lr"]:
+            if new:
+                self.vis.line(X=np.array([r["epoch"] for r in new]), Y=np.array([r[name] for r in new]), win=name,
+                              env=self.env, name="interval mean", update="append" if self.sent else None,
+                              opts=dict(title=name, xlabel="epoch", showlegend=True))
+            if len(epochs) > self.sent_epochs and name != "lr":
+                done = epochs[self.sent_epochs:]
+                self.vis.line(X=np.array([e for e, _ in done]), Y=np.array([m[name] for _, m in done]), win=name,
+                              env=self.env, name="epoch mean", update="append")
+        self.sent, self.sent_epochs = len(rows), len(epochs)
+        for name, img in (images or {}).items():
+            self.vis.image(img, win=name, env=self.env, opts=dict(title=name, caption=name))
+
+
+def epoch_means(rows, names):
+    """[(epoch number, {name: mean over its steps})] for every finished epoch in the history rows."""
+    means, start, prev_step = [], 0, 0
+    for i, r in enumerate(rows):
+        if r["epoch"] == int(r["epoch"]) and r["epoch"] > 0:  # the row that closes an epoch
+            chunk = rows[start:i + 1]
+            steps = np.diff([prev_step] + [c["step"] for c in chunk])
+            means.append((r["epoch"], {n: float(np.average([c[n] for c in chunk], weights=steps)) for n in names}))
+            start, prev_step = i + 1, r["step"]
+    return means
