@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
+from torchvision.transforms.functional import to_pil_image
 
-from datasets import ImageFolder, domain_dir, list_images, load_image, to_tensor
+from datasets import ImageFolder, domain_dir, list_images, load_image
 from models import load_generator
-from utils import tensor2image
 
 
 def get_parser():
@@ -38,9 +38,10 @@ def get_parser():
 
 @torch.inference_mode()
 def translate(G, x):
-    """G at any size: reflect-pad H and W up to a multiple of 4 (two stride-2 layers), then crop back."""
+    """G at any size: reflect-pad H and W up to a multiple of 4 (two stride-2 layers), at least 8 (the residual
+    blocks' reflection padding needs 2 px at 1/4 scale), then crop back."""
     h, w = x.shape[-2:]
-    pad_h, pad_w = -h % 4, -w % 4
+    pad_h, pad_w = max(8, h + -h % 4) - h, max(8, w + -w % 4) - w
     mode = "reflect" if min(h, w) > max(pad_h, pad_w) else "replicate"  # reflect needs pad < size
     y = G(F.pad(x, (0, pad_w, 0, pad_h), mode=mode))
     return y[..., :h, :w]
@@ -78,7 +79,7 @@ def main(args):
         for images, stems in batches(loader, args.batchSize):
             fakes = translate(G, images.to(device))
             for fake, stem in zip(fakes, stems):
-                Image.fromarray(tensor2image(fake).transpose(1, 2, 0).squeeze()).save(out / dst / f"{stem}.png")
+                to_pil_image((fake.float().cpu().clamp(-1, 1) + 1) / 2).save(out / dst / f"{stem}.png")
         print(f"wrote {len(folder)} {src}->{dst} translations to {out / dst}")
     report_psnr(args, out)
     return 0

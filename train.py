@@ -126,7 +126,10 @@ def main(args):
     autocast = torch.autocast(device.type, amp_dtype) if args.amp else contextlib.nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and amp_dtype == torch.float16)
 
-    dataset = ImageDataset(args.dataroot, args.size, args.input_nc, args.output_nc, seed=args.seed)
+    try:
+        dataset = ImageDataset(args.dataroot, args.size, args.input_nc, args.output_nc, seed=args.seed)
+    except ValueError as e:
+        raise UserError(e)
     steps_per_epoch = math.ceil(len(dataset) / args.batchSize)
     step, start_epoch, seconds = 0, args.epoch, 0.0
     if ckpt is not None:
