@@ -160,14 +160,16 @@ def main(args):
     lr_scheduler_D = torch.optim.lr_scheduler.LambdaLR(optimizer_D, lr_lambda, last_epoch=start_epoch - 1)
 
     sampler = EpochSampler(len(dataset), args.seed)
+    # Workers ignore Ctrl-C / SIGTERM so the main process can finish its step and save; their own
+    # generator keeps the loader from drawing on the global torch RNG.
     loader = DataLoader(dataset, batch_size=args.batchSize, sampler=sampler, num_workers=args.n_cpu,
-                        pin_memory=args.cuda, persistent_workers=False)
+                        pin_memory=args.cuda, worker_init_fn=ignore_signals, generator=torch.Generator())
     env = args.display_env or f"{Path(args.dataroot.rstrip('/')).name}_{out.resolve().name}"
     plotter = None if args.no_visdom else VisdomPlotter(args.display_server, args.display_port, env, LOSS_NAMES)
     logger = Logger(out, LOSS_NAMES, args.batchSize, steps_per_epoch * args.n_epochs, step, seconds, plotter)
 
     def save_checkpoint():
-        """Everything the run needs to continue bit for bit, in one atomically written file."""
+        """Everything the run needs to continue bit for bit, in one atomically written file; False if it failed."""
         state = {"G_A2B": unwrap(G_A2B).state_dict(), "G_B2A": unwrap(G_B2A).state_dict(),
                  "D_A": unwrap(D_A).state_dict(), "D_B": unwrap(D_B).state_dict(),
                  "optimizer_G": optimizer_G.state_dict(), "optimizer_D": optimizer_D.state_dict(),
@@ -175,14 +177,9 @@ def main(args):
                  "fake_A_buffer": fake_A_buffer.state_dict(), "fake_B_buffer": fake_B_buffer.state_dict(),
                  "rng": rng_state(), "step": step, "epoch": step / steps_per_epoch,
                  "seconds": logger.seconds(), "args": vars(args)}
-        try:
-            atomic_save(state, out / "checkpoint.pth")
-        except OSError as e:
-            print(f"could not write {out / 'checkpoint.pth'} ({e}); the previous checkpoint is intact", file=sys.stderr)
-            return False
-        return True
+        return try_save(state, out / "checkpoint.pth")
 
-    stop = []  # SIGINT/SIGTERM: finish the step, save, exit; a second Ctrl-C exits at once
+    saved, stop = True, []  # SIGINT/SIGTERM: finish the step, save, exit; a second Ctrl-C exits at once
 
     def request_stop(signum, frame):
         if stop:
@@ -239,13 +236,18 @@ def main(args):
             if step % args.display_freq == 0 or epoch_end or stop or (args.save_freq and step % args.save_freq == 0):
                 images = {"real_A": real_A[0], "fake_B": fake_B[0], "rec_A": rec_A[0],
                           "real_B": real_B[0], "fake_A": fake_A[0], "rec_B": rec_B[0]}
-                logger.flush(step, step / steps_per_epoch, optimizer_G.param_groups[0]["lr"],
-                             {k: tensor2image(v) for k, v in images.items()})
+                try:  # checks every loss is finite, before anything is saved
+                    logger.flush(step, step / steps_per_epoch, optimizer_G.param_groups[0]["lr"],
+                                 {k: tensor2image(v) for k, v in images.items()})
+                except FloatingPointError as e:
+                    logger.close()
+                    raise UserError(f"{e}; stopped without saving: {out / 'checkpoint.pth'} holds the last good state "
+                                    f"(try a lower --lr, or drop --amp)")
             if epoch_end:
                 lr_scheduler_G.step()
                 lr_scheduler_D.step()
             if epoch_end or stop or (args.save_freq and step % args.save_freq == 0):
-                save_checkpoint()
+                saved = save_checkpoint()
             if stop:
                 break
         logger.end_epoch()
@@ -253,13 +255,30 @@ def main(args):
             break
         # The seed's four files, loadable by its code and by test.py.
         for net, name in ((G_A2B, "netG_A2B"), (G_B2A, "netG_B2A"), (D_A, "netD_A"), (D_B, "netD_B")):
-            atomic_save(unwrap(net).state_dict(), out / f"{name}.pth")
+            try_save(unwrap(net).state_dict(), out / f"{name}.pth")
     logger.close()
+    if not saved:
+        raise UserError(f"the last checkpoint could not be written; free space in {out} and run: {resume_command(args)}")
     if stop:
         print(f"stopped at step {step}; continue with:\n  {resume_command(args)}")
     else:
         print(f"done: {args.n_epochs} epochs, {step} steps; generators in {out}/netG_A2B.pth and netG_B2A.pth")
     return 0
+
+
+def try_save(obj, path):
+    """atomic_save that reports a failure (disk full, permissions) instead of raising: the old file stays whole."""
+    try:
+        atomic_save(obj, path)
+        return True
+    except OSError as e:
+        print(f"could not write {path} ({e}); the previous file is intact", file=sys.stderr)
+        return False
+
+
+def ignore_signals(worker_id):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def generate(G, x, y, identity):
@@ -282,5 +301,5 @@ def resume_command(args):
 if __name__ == "__main__":
     try:
         sys.exit(main(get_parser().parse_args()))
-    except (UserError, FloatingPointError) as e:
+    except UserError as e:
         sys.exit(f"error: {e}")

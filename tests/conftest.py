@@ -60,4 +60,5 @@ def tiny_data(tmp_path):
 
 
 # Flags that make train.py take a few seconds: 32 px crops, 1 epoch of max(|A|, |B|) steps, no visdom.
-FAST = ["--size", "32", "--n_epochs", "1", "--decay_epoch", "0", "--n_cpu", "0", "--no_visdom", "--seed", "0"]
+QUICK = ["--size", "32", "--n_epochs", "1", "--decay_epoch", "0", "--n_cpu", "0", "--seed", "0"]
+FAST = QUICK + ["--no_visdom"]

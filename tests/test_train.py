@@ -38,7 +38,7 @@ def test_batches_and_grayscale_and_the_authors_layout(tmp_path):
 def test_learning_rate_decays_linearly_after_decay_epoch(tmp_path):
     data = make_dataset(tmp_path / "d", n_A=1, n_B=1, test=False)
     r = run_script("train.py", "--dataroot", data, "--output_dir", tmp_path / "o",
-                   *FAST[:2], "--n_epochs", "4", "--decay_epoch", "2", *FAST[6:], "--lr", "0.001", "--size", "32")
+                   *FAST, "--n_epochs", "4", "--decay_epoch", "2", "--lr", "0.001")
     assert r.returncode == 0, r.stderr
     with open(tmp_path / "o" / "losses.csv") as f:
         assert [float(row["lr"]) for row in csv.DictReader(f)] == pytest.approx([0.001, 0.001, 0.001, 0.0005])  # the seed: 1 - (e - 2) / 2
