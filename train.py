@@ -104,9 +104,8 @@ def load_checkpoint(args):
 
 
 def main(args):
-    check_args(args)
     ckpt = load_checkpoint(args)
-    check_args(args)  # again: the merged flags (e.g. a longer --n_epochs with the run's --decay_epoch)
+    check_args(args)  # after the merge: a resumed run's flags with what was given anew
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if args.cuda else "cpu")

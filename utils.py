@@ -133,7 +133,8 @@ class Logger:
         rows = []
         if self.path.exists() and step > 0:
             with open(self.path, newline="") as f:
-                rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f) if float(r["step"]) <= step]
+                rows = [{k: int(v) if k == "step" else float(v) for k, v in r.items()}
+                        for r in csv.DictReader(f) if int(r["step"]) <= step]
         elif self.path.exists():  # a fresh run: keep the old file under another name
             self.path.rename(self.path.with_name(f"losses.{int(self.path.stat().st_mtime)}.csv"))
         tmp = self.path.with_name("losses.csv.tmp")
