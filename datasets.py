@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 
+DATASETS_URL = "http://efrosgans.eecs.berkeley.edu/cyclegan/datasets"
 IMG_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pbm"}
 
 
@@ -23,8 +23,9 @@ def domain_dir(root, split, domain):
     """ROOT/split/domain or ROOT/splitdomain, whichever exists."""
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"data root {root} does not exist; make the demo set with `python datasets.py demo`, "
-                         f"or download one (see README: Datasets) and pass --dataroot")
+        name = root.name or "NAME"
+        raise ValueError(f"data root {root} does not exist: download it with `wget {DATASETS_URL}/{name}.zip && "
+                         f"unzip {name}.zip -d {root.parent}`, or make the demo set with `python datasets.py demo`")
     for d in (root / split / domain, root / f"{split}{domain}"):
         if d.is_dir():
             return d

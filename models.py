@@ -71,9 +71,9 @@ def load_generator(path, input_nc=3, output_nc=3, map_location="cpu"):
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
-        raise ValueError(f"checkpoint {path} does not exist: train first (python train.py) or pass its path")
+        raise ValueError(f"checkpoint {path} does not exist: train first (python train.py) or pass its path") from None
     except Exception as e:
-        raise ValueError(f"{path} is not a loadable PyTorch checkpoint ({type(e).__name__}: {e})")
+        raise ValueError(f"{path} is not a loadable PyTorch checkpoint ({type(e).__name__}: {e})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -87,5 +87,5 @@ def load_generator(path, input_nc=3, output_nc=3, map_location="cpu"):
         netG.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[:3]
-        raise ValueError(f"{path} is not a {input_nc}->{output_nc} channel CycleGAN ResNet generator: " + " ".join(first))
+        raise ValueError(f"{path} is not a {input_nc}->{output_nc} channel CycleGAN ResNet generator: " + " ".join(first)) from None
     return netG

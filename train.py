@@ -89,7 +89,7 @@ def load_checkpoint(args):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         saved = ckpt["args"]
     except Exception as e:
-        raise UserError(f"{path} is not a checkpoint of train.py ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        raise UserError(f"{path} is not a checkpoint of train.py ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     defaults = vars(get_parser().parse_args([]))
     changed = {k for k, v in vars(args).items() if k in saved and v != defaults[k] and v != saved[k] and k not in RUN_FLAGS | {"epoch"}}
     if changed:
@@ -128,7 +128,7 @@ def main(args):
     try:
         dataset = ImageDataset(args.dataroot, args.size, args.input_nc, args.output_nc, seed=args.seed)
     except ValueError as e:
-        raise UserError(e)
+        raise UserError(e) from None
     steps_per_epoch = math.ceil(len(dataset) / args.batchSize)
     step, start_epoch, seconds = 0, args.epoch, 0.0
     if ckpt is not None:
@@ -182,7 +182,8 @@ def main(args):
 
     def request_stop(signum, frame):
         if stop:
-            raise KeyboardInterrupt
+            print("quitting without saving", file=sys.stderr)
+            raise SystemExit(130)
         stop.append(signal.Signals(signum).name)
         print(f"\n{stop[0]}: stopping after this step (Ctrl-C again to quit without saving)", file=sys.stderr)
 
@@ -241,7 +242,7 @@ def main(args):
                 except FloatingPointError as e:
                     logger.close()
                     raise UserError(f"{e}; stopped without saving: {out / 'checkpoint.pth'} holds the last good state "
-                                    f"(try a lower --lr, or drop --amp)")
+                                    f"(try a lower --lr, or drop --amp)") from None
             if epoch_end:
                 lr_scheduler_G.step()
                 lr_scheduler_D.step()
