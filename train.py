@@ -21,8 +21,10 @@ from utils import (Logger, ReplayBuffer, VisdomPlotter, atomic_save, linear_deca
                    set_requires_grad, set_rng_state, tensor2image, unwrap)
 
 LOSS_NAMES = ["loss_G", "loss_G_identity", "loss_G_GAN", "loss_G_cycle", "loss_D", "loss_D_A", "loss_D_B"]
-# Flags that may differ when a run is resumed; any other flag given with a new value is refused.
-RUN_FLAGS = {"n_epochs", "decay_epoch", "dataroot", "output_dir", "cuda", "n_cpu", "resume", "save_freq",
+# On --resume: flags left at their default take the run's saved value, except where to run (MACHINE_FLAGS);
+# RUN_FLAGS may be given a new value; any other flag given with a new value is refused.
+MACHINE_FLAGS = {"cuda", "n_cpu", "output_dir", "resume"}
+RUN_FLAGS = {"epoch", "n_epochs", "decay_epoch", "dataroot", "save_freq",
              "display_server", "display_port", "display_env", "display_freq", "no_visdom"}
 ARCH_FLAGS = {"input_nc", "output_nc"}
 
@@ -79,8 +81,10 @@ def load_checkpoint(args):
     """The checkpoint to resume from (or None), with args merged: the run's flags unless given anew here."""
     path = Path(args.output_dir) / "checkpoint.pth" if args.resume in (None, "latest") else Path(args.resume)
     if args.resume is None:
-        if path.exists():
-            raise UserError(f"{path} holds a run already: continue it with --resume, or pick another --output_dir")
+        for existing in (path, path.with_name("netG_A2B.pth")):
+            if existing.exists():
+                raise UserError(f"{existing} holds a run already: continue it with --resume, "
+                                f"or pick another --output_dir")
         return None
     if not path.exists():
         raise UserError(f"no checkpoint at {path} to resume from" + (" (pass --output_dir of the run, or --resume PATH)"
@@ -91,15 +95,15 @@ def load_checkpoint(args):
     except Exception as e:
         raise UserError(f"{path} is not a checkpoint of train.py ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     defaults = vars(get_parser().parse_args([]))
-    changed = {k for k, v in vars(args).items() if k in saved and v != defaults[k] and v != saved[k] and k not in RUN_FLAGS | {"epoch"}}
+    given = {k for k, v in vars(args).items() if v != defaults[k]}
+    changed = {k for k in given - RUN_FLAGS - MACHINE_FLAGS if k in saved and getattr(args, k) != saved[k]}
     if changed:
         kind = "architecture" if changed & ARCH_FLAGS else "training"
         raise UserError(f"{path} was trained with other {kind} flags: " +
                         ", ".join(f"--{k} {saved[k]} (given {getattr(args, k)})" for k in sorted(changed)) +
                         "; drop them to resume, or start a new run in another --output_dir")
-    for k, v in saved.items():  # flags left at their default take the run's value
-        if k in defaults and k != "resume" and getattr(args, k) == defaults[k]:
-            setattr(args, k, v)
+    for k in saved.keys() & defaults.keys() - given - MACHINE_FLAGS:
+        setattr(args, k, saved[k])
     return ckpt
 
 
@@ -136,7 +140,8 @@ def main(args):
             net.load_state_dict(ckpt[key])
         optimizer_G.load_state_dict(ckpt["optimizer_G"])
         optimizer_D.load_state_dict(ckpt["optimizer_D"])
-        scaler.load_state_dict(ckpt["scaler"]) if ckpt["scaler"] else None
+        if ckpt["scaler"]:
+            scaler.load_state_dict(ckpt["scaler"])
         fake_A_buffer.load_state_dict(ckpt["fake_A_buffer"], device)
         fake_B_buffer.load_state_dict(ckpt["fake_B_buffer"], device)
         set_rng_state(ckpt["rng"])
@@ -295,7 +300,7 @@ def discriminator_loss(D, real, fake):
 
 
 def resume_command(args):
-    return f"python {sys.argv[0]} --resume --output_dir {args.output_dir}"
+    return f"python train.py --resume --output_dir {args.output_dir}" + " --cuda" * args.cuda
 
 
 if __name__ == "__main__":

@@ -273,8 +273,9 @@ class VisdomPlotter:
                 self.vis.line(X=np.array([e for e, _ in done]), Y=np.array([m[name] for _, m in done]), win=name,
                               env=self.env, name="epoch mean", update="append")
         self.sent, self.sent_epochs = len(rows), len(epochs)
-        for name, img in (images or {}).items():
-            self.vis.image(img, win=name, env=self.env, opts=dict(title=name, caption=name))
+        for name, img in (images or {}).items():  # img: (3, H, W); small crops get a readable window
+            self.vis.image(img, win=name, env=self.env, opts=dict(title=name, caption=name, width=max(img.shape[2], 200),
+                                                                  height=max(img.shape[1], 200) + 40))
 
 
 def epoch_means(rows, names):

@@ -3,6 +3,7 @@ import csv
 import os
 import pickle
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,8 +97,19 @@ def test_sigterm_saves_prints_the_resume_command_and_resumes_exactly(data, refer
 def test_resume_refuses_other_architecture_and_finished_runs(reference, tmp_path):
     r = run_script("train.py", "--resume", "--output_dir", reference, "--input_nc", "1")
     assert r.returncode != 0 and "--input_nc 3 (given 1)" in r.stderr and "architecture" in r.stderr
+    r = run_script("train.py", "--resume", "--output_dir", reference, "--lr", "0.001")
+    assert r.returncode != 0 and "other training flags: --lr 0.0002 (given 0.001)" in r.stderr
     r = run_script("train.py", "--resume", "--output_dir", reference)
     assert r.returncode == 0 and "all 2 epochs of this run are done" in r.stdout
+
+
+def test_resume_with_more_epochs_trains_longer(reference, tmp_path):
+    out = tmp_path / "longer"
+    shutil.copytree(reference, out)
+    r = run_script("train.py", "--resume", "--output_dir", out, "--n_epochs", "3")
+    assert r.returncode == 0, r.stderr
+    assert "resuming from epoch 3, step 12" in r.stdout and "done: 3 epochs, 18 steps" in r.stdout
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["args"]["size"] == 24  # the run's flags kept
     r = run_script("train.py", "--dataroot", "anything", "--output_dir", reference, "--epoch", "1")
     assert r.returncode != 0 and "--resume" in r.stderr and "Traceback" not in r.stderr
 
