@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -65,3 +66,12 @@ def test_a_wrong_checkpoint_is_one_clear_line(tmp_path):
     assert r.returncode != 0 and "is not a 3->3 channel" in r.stderr and "Traceback" not in r.stderr
     r = run_script("test.py", "--dataroot", data, "--output_dir", tmp_path / "o", cwd=tmp_path)
     assert r.returncode != 0 and "train first" in r.stderr and "Traceback" not in r.stderr
+    r = run_script("test.py", "--dataroot", tmp_path / "nowhere", "--generator_A2B", nets / "netG_A2B.pth",
+                   "--generator_B2A", nets / "netG_B2A.pth", "--input_nc", "1", "--output_nc", "1")
+    assert r.returncode != 0 and "python datasets.py demo" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_a_gpu_is_one_clear_line(tmp_path):
+    r = run_script("test.py", "--cuda")
+    assert r.returncode != 0 and "drop --cuda" in r.stderr and "Traceback" not in r.stderr
