@@ -162,6 +162,9 @@ def main(args):
     lr_lambda = linear_decay(args.n_epochs, args.decay_epoch)
     lr_scheduler_G = torch.optim.lr_scheduler.LambdaLR(optimizer_G, lr_lambda, last_epoch=start_epoch - 1)
     lr_scheduler_D = torch.optim.lr_scheduler.LambdaLR(optimizer_D, lr_lambda, last_epoch=start_epoch - 1)
+    if ckpt is not None:
+        lr_scheduler_G.load_state_dict(ckpt["lr_scheduler_G"])
+        lr_scheduler_D.load_state_dict(ckpt["lr_scheduler_D"])
 
     sampler = EpochSampler(len(dataset), args.seed)
     # Workers ignore Ctrl-C / SIGTERM so the main process can finish its step and save; their own
@@ -177,6 +180,7 @@ def main(args):
         state = {"G_A2B": unwrap(G_A2B).state_dict(), "G_B2A": unwrap(G_B2A).state_dict(),
                  "D_A": unwrap(D_A).state_dict(), "D_B": unwrap(D_B).state_dict(),
                  "optimizer_G": optimizer_G.state_dict(), "optimizer_D": optimizer_D.state_dict(),
+                 "lr_scheduler_G": lr_scheduler_G.state_dict(), "lr_scheduler_D": lr_scheduler_D.state_dict(),
                  "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                  "fake_A_buffer": fake_A_buffer.state_dict(), "fake_B_buffer": fake_B_buffer.state_dict(),
                  "rng": rng_state(), "step": step, "epoch": step / steps_per_epoch,
@@ -238,7 +242,8 @@ def main(args):
             logger.step({"loss_G": loss_G, "loss_G_identity": loss_G_identity, "loss_G_GAN": loss_G_GAN,
                          "loss_G_cycle": loss_G_cycle, "loss_D": loss_D, "loss_D_A": loss_D_A, "loss_D_B": loss_D_B})
             epoch_end = step % steps_per_epoch == 0
-            if step % args.display_freq == 0 or epoch_end or stop or (args.save_freq and step % args.save_freq == 0):
+            save_now = epoch_end or stop or (args.save_freq and step % args.save_freq == 0)
+            if step % args.display_freq == 0 or save_now:
                 images = {"real_A": real_A[0], "fake_B": fake_B[0], "rec_A": rec_A[0],
                           "real_B": real_B[0], "fake_A": fake_A[0], "rec_B": rec_B[0]}
                 try:  # checks every loss is finite, before anything is saved
@@ -251,7 +256,7 @@ def main(args):
             if epoch_end:
                 lr_scheduler_G.step()
                 lr_scheduler_D.step()
-            if epoch_end or stop or (args.save_freq and step % args.save_freq == 0):
+            if save_now:
                 saved = save_checkpoint()
             if stop:
                 break

@@ -27,12 +27,12 @@ class ReplayBuffer:
         out = []
         for x in batch.detach().unsqueeze(1):  # (B, 1, C, H, W)
             if len(self.data) < self.max_size:
-                self.data.append(x)
+                self.data.append(x.clone())  # a copy: a view would keep the whole batch alive
                 out.append(x)
             elif torch.rand(1, generator=self.generator).item() > 0.5:
                 i = torch.randint(self.max_size, (1,), generator=self.generator).item()
                 out.append(self.data[i])
-                self.data[i] = x
+                self.data[i] = x.clone()
             else:
                 out.append(x)
         return torch.cat(out)
