@@ -46,9 +46,11 @@ def load_image(path, nc=3):
     img = ImageOps.exif_transpose(Image.open(path))
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         a = np.asarray(img, dtype=np.float64)
-        # 16-bit PNGs open as I;16 or I; scale their full range instead of clipping at 255.
-        scale = 1 / 257 if img.mode.startswith("I;16") or a.max() > 255 else 255.0 if a.max() <= 1 and img.mode == "F" else 1.0
-        img = Image.fromarray(np.clip(a * scale + 0.5, 0, 255).astype(np.uint8), "L")
+        if img.mode.startswith("I;16") or a.max() > 255:  # 16-bit (PNGs open as I;16 or I): scale, don't clip
+            a = a / 257
+        elif img.mode == "F" and a.max() <= 1:  # float in [0, 1]
+            a = a * 255
+        img = Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), "L")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

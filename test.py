@@ -89,12 +89,12 @@ def report_psnr(args, out):
     truth_dir = Path(args.dataroot) / "test" / "truth_B"
     if not truth_dir.is_dir():
         return
+    sources = {p.stem: p for p in list_images(domain_dir(args.dataroot, "test", "A"))}
     ours, baseline = [], []
     for path in list_images(truth_dir):
         truth = np.asarray(load_image(path, args.output_nc))
-        source = next(domain_dir(args.dataroot, "test", "A").glob(path.stem + ".*"))
         ours.append(psnr(np.asarray(load_image(out / "B" / f"{path.stem}.png", args.output_nc)), truth))
-        baseline.append(psnr(np.asarray(load_image(source, args.input_nc)), truth))
+        baseline.append(psnr(np.asarray(load_image(sources[path.stem], args.input_nc)), truth))
     print(f"PSNR of G_A2B(test/A) against test/truth_B: {np.mean(ours):.2f} dB "
           f"(do-nothing baseline, test/A itself: {np.mean(baseline):.2f} dB)")
 

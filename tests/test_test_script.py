@@ -75,3 +75,16 @@ def test_a_wrong_checkpoint_is_one_clear_line(tmp_path):
 def test_cuda_without_a_gpu_is_one_clear_line(tmp_path):
     r = run_script("test.py", "--cuda")
     assert r.returncode != 0 and "drop --cuda" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_psnr_against_ground_truth_is_reported(tmp_path):
+    from datasets import make_demo
+    data = make_demo(tmp_path / "demo", size=24, n_train=1, n_test=3)
+    nets = save_generators(tmp_path / "nets")
+    r = run_script("test.py", "--dataroot", data, "--generator_A2B", nets / "netG_A2B.pth", "--generator_B2A",
+                   nets / "netG_B2A.pth", "--output_dir", tmp_path / "o", "--n_cpu", "0")
+    assert r.returncode == 0, r.stderr
+    mse = [np.mean((np.asarray(Image.open(data / "test" / "A" / f"{k:04d}.png"), dtype=float) -
+                    np.asarray(Image.open(data / "test" / "truth_B" / f"{k:04d}.png"), dtype=float)) ** 2) for k in range(3)]
+    baseline = np.mean([10 * np.log10(255 ** 2 / m) for m in mse])
+    assert f"do-nothing baseline, test/A itself: {baseline:.2f} dB" in r.stdout
