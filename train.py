@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from datasets import EpochSampler, ImageDataset
 from models import Discriminator, Generator, weights_init_normal
 from utils import (Logger, ReplayBuffer, VisdomPlotter, atomic_save, linear_decay, rng_state, seed_everything,
-                   set_requires_grad, set_rng_state, tensor2image, unwrap)
+                   set_requires_grad, set_rng_state, unwrap)
 
 LOSS_NAMES = ["loss_G", "loss_G_identity", "loss_G_GAN", "loss_G_cycle", "loss_D", "loss_D_A", "loss_D_B"]
 # On --resume: flags left at their default take the run's saved value, except where to run (MACHINE_FLAGS);
@@ -247,8 +247,7 @@ def main(args):
                 images = {"real_A": real_A[0], "fake_B": fake_B[0], "rec_A": rec_A[0],
                           "real_B": real_B[0], "fake_A": fake_A[0], "rec_B": rec_B[0]}
                 try:  # checks every loss is finite, before anything is saved
-                    logger.flush(step, step / steps_per_epoch, optimizer_G.param_groups[0]["lr"],
-                                 {k: tensor2image(v) for k, v in images.items()})
+                    logger.flush(step, step / steps_per_epoch, optimizer_G.param_groups[0]["lr"], images)
                 except FloatingPointError as e:
                     logger.close()
                     raise UserError(f"{e}; stopped without saving: {out / 'checkpoint.pth'} holds the last good state "

@@ -159,7 +159,7 @@ class Logger:
         self.bar.update(1)
 
     def flush(self, step, epoch, lr, images=None):
-        """Close the interval ending at `step` (epoch: fractional epochs done)."""
+        """Close the interval ending at `step` (epoch: fractional epochs done); images: name -> (C, H, W) tensor."""
         if not self.pending:
             return
         values = torch.stack(self.pending).cpu()  # (steps, losses)
@@ -180,8 +180,8 @@ class Logger:
             self.bar.set_postfix(stats, refresh=False)
         else:
             print(f"epoch {epoch:.3f} step {step} " + " ".join(f"{k} {v}" for k, v in stats.items()), flush=True)
-        if self.plotter:
-            self.plotter.submit(self.rows, images)
+        if self.plotter:  # images are copied off the device only when someone will see them
+            self.plotter.submit(self.rows, images and {k: tensor2image(v) for k, v in images.items()})
         self.pending, self.last_step, self.t_last = [], step, now
 
     def end_epoch(self):

@@ -17,7 +17,7 @@ from test_visdom import free_port, start_server  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 from train import LOSS_NAMES  # noqa: E402
-from utils import Logger, VisdomPlotter, tensor2image  # noqa: E402
+from utils import Logger, VisdomPlotter  # noqa: E402
 
 
 def per_step_ms(plotter, steps=2000, display_freq=100, size=256):
@@ -29,7 +29,7 @@ def per_step_ms(plotter, steps=2000, display_freq=100, size=256):
         for step in range(1, steps + 1):
             log.step({k: torch.rand(()) for k in LOSS_NAMES})
             if step % display_freq == 0:
-                log.flush(step, step / 1000, 2e-4, {k: tensor2image(v) for k, v in images.items()})
+                log.flush(step, step / 1000, 2e-4, images)
         elapsed = time.perf_counter() - t
     log.close()
     return elapsed / steps * 1e3
