@@ -1,18 +1,19 @@
 """CycleGAN networks: the ResNet generator and the 70x70 PatchGAN discriminator (Zhu et al., 2017).
 
 Layer order and state-dict keys match aitorzip/PyTorch-CycleGAN and the authors' released
-generators, so their .pth files load with strict=True (see load_generator).
+generators, so their .pth files load with strict=True; load_generator also reads other
+implementations' ResNet generators by matching layers by order and shape.
 """
 import torch
 import torch.nn as nn
 
 
 class ResidualBlock(nn.Module):
-    def __init__(self, in_features):
+    def __init__(self, in_features, affine=False):
         super().__init__()
         self.conv_block = nn.Sequential(
-            nn.ReflectionPad2d(1), nn.Conv2d(in_features, in_features, 3), nn.InstanceNorm2d(in_features), nn.ReLU(inplace=True),
-            nn.ReflectionPad2d(1), nn.Conv2d(in_features, in_features, 3), nn.InstanceNorm2d(in_features),
+            nn.ReflectionPad2d(1), nn.Conv2d(in_features, in_features, 3), nn.InstanceNorm2d(in_features, affine=affine), nn.ReLU(inplace=True),
+            nn.ReflectionPad2d(1), nn.Conv2d(in_features, in_features, 3), nn.InstanceNorm2d(in_features, affine=affine),
         )
 
     def forward(self, x):
@@ -20,19 +21,23 @@ class ResidualBlock(nn.Module):
 
 
 class Generator(nn.Module):
-    """c7s1-64, d128, d256, R256 x n, u128, u64, c7s1-out. Input side must be a multiple of 4."""
+    """c7s1-64, d128, d256, R256 x n, u128, u64, c7s1-out. Input side must be a multiple of 4.
 
-    def __init__(self, input_nc, output_nc, n_residual_blocks=9):
+    affine=True gives every InstanceNorm a weight and bias, as some other implementations do (the paper's has none).
+    """
+
+    def __init__(self, input_nc, output_nc, n_residual_blocks=9, affine=False):
         super().__init__()
-        layers = [nn.ReflectionPad2d(3), nn.Conv2d(input_nc, 64, 7), nn.InstanceNorm2d(64), nn.ReLU(inplace=True)]
+        layers = [nn.ReflectionPad2d(3), nn.Conv2d(input_nc, 64, 7), nn.InstanceNorm2d(64, affine=affine), nn.ReLU(inplace=True)]
         features = 64
         for _ in range(2):  # downsample
-            layers += [nn.Conv2d(features, features * 2, 3, stride=2, padding=1), nn.InstanceNorm2d(features * 2), nn.ReLU(inplace=True)]
+            layers += [nn.Conv2d(features, features * 2, 3, stride=2, padding=1), nn.InstanceNorm2d(features * 2, affine=affine),
+                       nn.ReLU(inplace=True)]
             features *= 2
-        layers += [ResidualBlock(features) for _ in range(n_residual_blocks)]
+        layers += [ResidualBlock(features, affine) for _ in range(n_residual_blocks)]
         for _ in range(2):  # upsample
             layers += [nn.ConvTranspose2d(features, features // 2, 3, stride=2, padding=1, output_padding=1),
-                       nn.InstanceNorm2d(features // 2), nn.ReLU(inplace=True)]
+                       nn.InstanceNorm2d(features // 2, affine=affine), nn.ReLU(inplace=True)]
             features //= 2
         layers += [nn.ReflectionPad2d(3), nn.Conv2d(64, output_nc, 7), nn.Tanh()]
         self.model = nn.Sequential(*layers)
@@ -60,14 +65,22 @@ class Discriminator(nn.Module):
 
 
 def weights_init_normal(m):
-    """N(0, 0.02) for convolutions, as the paper; InstanceNorm here has no affine weights."""
+    """N(0, 0.02) for convolutions, as the paper; the paper's InstanceNorm has no affine weights to initialise."""
     if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
         nn.init.normal_(m.weight, 0.0, 0.02)
         nn.init.zeros_(m.bias)
 
 
 def load_generator(path, input_nc=3, output_nc=3, map_location="cpu"):
-    """Load a generator saved by this repo, the seed or the CycleGAN authors; raise ValueError if it is not one."""
+    """Load a ResNet generator saved by this repo, the seed, the CycleGAN authors or another implementation.
+
+    Our keys (behind an optional `module.` prefix) load strictly by name. Any other file is matched by order and
+    shape: its 4-D tensors are the 6 + 2n conv/convT weights in layer order, each followed by its bias and, if the
+    norms are affine, by the next InstanceNorm's weight and bias; the generator built has the n residual blocks and
+    the norm kind the file describes, whatever the keys are called. Channel counts are the caller's, not inferred:
+    the caller reads its images with input_nc channels, so a file for other counts is refused, naming them.
+    Raises ValueError (one line: what was expected, what was found) for anything else.
+    """
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
@@ -76,15 +89,32 @@ def load_generator(path, input_nc=3, output_nc=3, map_location="cpu"):
         raise ValueError(f"{path} is not a loadable PyTorch checkpoint ({type(e).__name__}: {e})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} does not hold a generator state_dict")
     # The authors' files carry InstanceNorm running stats from an old PyTorch; ours has none.
-    state = {k.removeprefix("module."): v for k, v in state.items()
-             if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
-    n_blocks = len({k.split(".")[1] for k in state if ".conv_block." in k})
-    netG = Generator(input_nc, output_nc, n_blocks or 9)
+    state = {k: v for k, v in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    n_convs = sum(v.dim() == 4 for v in state.values())  # c7s1 + 2 down + 2 per residual block + 2 up + c7s1
+    n_vectors = sum(v.dim() == 1 for v in state.values())  # conv biases, plus weight and bias of each affine norm
+    affine = n_vectors == n_convs + 2 * (n_convs - 1)  # every conv but the last is followed by a norm
+    if n_convs < 6 or n_convs % 2 or n_vectors not in (n_convs, n_convs + 2 * (n_convs - 1)) or len(state) != n_convs + n_vectors:
+        raise ValueError(f"{path} is not a CycleGAN ResNet generator: expected 6 + 2n conv weights (4-D) with a bias each, "
+                         f"and optionally a weight and bias per InstanceNorm; found {n_convs} 4-D, {n_vectors} 1-D and "
+                         f"{len(state) - n_convs - n_vectors} other tensors")
+    weights = [v for v in state.values() if v.dim() == 4]
+    if (weights[0].shape[1], weights[-1].shape[0]) != (input_nc, output_nc):
+        raise ValueError(f"{path} translates {weights[0].shape[1]} to {weights[-1].shape[0]} channels, not {input_nc} to "
+                         f"{output_nc}: set the channel counts (--input_nc, --output_nc) to match")
+    netG = Generator(input_nc, output_nc, (n_convs - 6) // 2, affine)
+    expected = netG.state_dict()
+    by_name = {k.removeprefix("module."): v for k, v in state.items()}
+    if by_name.keys() != expected.keys():  # another implementation's names: take the file's tensors in order
+        for i, ((name, want), (key, got)) in enumerate(zip(expected.items(), state.items())):
+            if got.shape != want.shape:
+                raise ValueError(f"{path} is not a CycleGAN ResNet generator: its tensor {i} ({key}) has shape "
+                                 f"{tuple(got.shape)} where a {(n_convs - 6) // 2}-block generator has {name} of shape {tuple(want.shape)}")
+        by_name = dict(zip(expected, state.values()))
     try:
-        netG.load_state_dict(state)
+        netG.load_state_dict(by_name)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[:3]
         raise ValueError(f"{path} is not a {input_nc}->{output_nc} channel CycleGAN ResNet generator: " + " ".join(first)) from None

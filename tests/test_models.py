@@ -1,7 +1,8 @@
 import pytest
 import torch
+import torch.nn as nn
 
-from models import Discriminator, Generator, load_generator
+from models import Discriminator, Generator, ResidualBlock, load_generator
 
 
 def n_params(net):
@@ -76,3 +77,80 @@ def test_not_a_generator_is_a_clear_error(tmp_path, make):
 def test_missing_checkpoint_says_to_train(tmp_path):
     with pytest.raises(ValueError, match="train first"):
         load_generator(tmp_path / "nope.pth")
+
+
+def test_channel_mismatch_names_both_counts(tmp_path):
+    torch.save(Generator(1, 3).state_dict(), tmp_path / "gray2rgb.pth")
+    with pytest.raises(ValueError, match="translates 1 to 3 channels, not 3 to 3"):
+        load_generator(tmp_path / "gray2rgb.pth")
+    assert load_generator(tmp_path / "gray2rgb.pth", input_nc=1, output_nc=3)
+
+
+def test_affine_option_adds_norm_parameters_only():
+    G = Generator(3, 3, n_residual_blocks=6, affine=True)
+    n_norms = 5 + 2 * 6
+    norms = [m for m in G.modules() if isinstance(m, nn.InstanceNorm2d)]
+    assert len(norms) == n_norms and all(m.affine for m in norms)
+    assert n_params(G) == n_params(Generator(3, 3, n_residual_blocks=6)) + 2 * sum(m.num_features for m in norms)
+
+
+# ---- generators written by other ResNet-CycleGAN implementations ----
+
+class OtherBlock(nn.Module):
+    def __init__(self, c, affine):
+        super().__init__()
+        self.block = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(c, c, 3), nn.InstanceNorm2d(c, affine=affine), nn.ReLU(),
+                                   nn.ReflectionPad2d(1), nn.Conv2d(c, c, 3), nn.InstanceNorm2d(c, affine=affine))
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+class OtherResnetGenerator(nn.Module):
+    """Another implementation's generator: the same computation, its own module tree and names (`block`)."""
+
+    def __init__(self, n_blocks=9, affine=False):
+        super().__init__()
+        norm = lambda c: nn.InstanceNorm2d(c, affine=affine)  # noqa: E731
+        self.head = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(3, 64, 7), norm(64), nn.ReLU(),
+                                  nn.Conv2d(64, 128, 3, 2, 1), norm(128), nn.ReLU(), nn.Conv2d(128, 256, 3, 2, 1), norm(256), nn.ReLU())
+        self.blocks = nn.Sequential(*[OtherBlock(256, affine) for _ in range(n_blocks)])
+        self.tail = nn.Sequential(nn.ConvTranspose2d(256, 128, 3, 2, 1, 1), norm(128), nn.ReLU(),
+                                  nn.ConvTranspose2d(128, 64, 3, 2, 1, 1), norm(64), nn.ReLU(),
+                                  nn.ReflectionPad2d(3), nn.Conv2d(64, 3, 7), nn.Tanh())
+        for m in self.modules():  # affine norms far from identity, so that a misplaced one changes the output
+            if isinstance(m, nn.InstanceNorm2d) and affine:
+                nn.init.normal_(m.weight, 1.0, 0.5)
+                nn.init.normal_(m.bias, 0.0, 0.5)
+
+    def forward(self, x):
+        return self.tail(self.blocks(self.head(x)))
+
+
+@pytest.mark.parametrize("n_blocks, affine, prefix", [
+    (9, False, "netG."), (9, True, ""), (6, True, "module.generator."),
+])
+def test_other_implementations_load_with_the_same_output(tmp_path, n_blocks, affine, prefix):
+    torch.manual_seed(n_blocks + affine)
+    other = OtherResnetGenerator(n_blocks, affine).eval()
+    torch.save({prefix + k: v for k, v in other.state_dict().items()}, tmp_path / "other.pth")
+    loaded = load_generator(tmp_path / "other.pth").eval()
+    assert sum(isinstance(m, ResidualBlock) for m in loaded.modules()) == n_blocks
+    assert n_params(loaded) == n_params(other)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), other(x), atol=1e-6)
+
+
+def test_other_layout_that_does_not_match_says_what_was_expected(tmp_path):
+    """Upsample + Conv instead of ConvTranspose (as some implementations do): same count, transposed weight shape."""
+    state = OtherResnetGenerator(6).state_dict()
+    state["tail.0.weight"] = state["tail.0.weight"].transpose(0, 1).contiguous()
+    torch.save(state, tmp_path / "upsample.pth")
+    with pytest.raises(ValueError) as e:
+        load_generator(tmp_path / "upsample.pth")
+    assert "tail.0.weight" in str(e.value) and "(128, 256, 3, 3)" in str(e.value) and "(256, 128, 3, 3)" in str(e.value)
+    del state["tail.0.bias"]  # a conv without bias: the counts no longer fit
+    torch.save(state, tmp_path / "upsample.pth")
+    with pytest.raises(ValueError, match="expected 6 \\+ 2n conv weights .* found 18 4-D, 17 1-D and 0 other"):
+        load_generator(tmp_path / "upsample.pth")
