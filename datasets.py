@@ -1,21 +1,36 @@
-"""Unpaired two-domain image data, and a built-in demo data set.
+"""Unpaired two-domain image data: loading, the CycleGAN authors' downloads, and a built-in demo data set.
 
-    python datasets.py demo                 # writes datasets/demo (procedural summer/winter scenes)
+    python datasets.py list                          # the authors' data sets (with sizes) and pretrained generators
+    python datasets.py download horse2zebra          # -> datasets/horse2zebra/{train,test}/{A,B}
+    python datasets.py pretrained horse2zebra        # -> pretrained/horse2zebra.pth
+    python datasets.py demo                          # writes datasets/demo (procedural summer/winter scenes)
 
 Layout read by train.py / test.py, either of:
     ROOT/train/A  ROOT/train/B  ROOT/test/A  ROOT/test/B     (the seed's)
     ROOT/trainA   ROOT/trainB   ROOT/testA   ROOT/testB      (the authors' zips)
 """
 import argparse
+import re
+import shutil
+import stat
 import sys
+import tempfile
+import time
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
+import requests
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
+from requests.adapters import HTTPAdapter
 from torch.utils.data import Dataset, Sampler
+from tqdm import tqdm
+from urllib3.util.retry import Retry
 
-DATASETS_URL = "http://efrosgans.eecs.berkeley.edu/cyclegan/datasets"
+from models import load_generator
+
 IMG_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pbm"}
 
 
@@ -23,9 +38,13 @@ def domain_dir(root, split, domain):
     """ROOT/split/domain or ROOT/splitdomain, whichever exists."""
     root = Path(root)
     if not root.is_dir():
-        name = root.name or "NAME"
-        raise ValueError(f"data root {root} does not exist: download it with `wget {DATASETS_URL}/{name}.zip && "
-                         f"unzip {name}.zip -d {root.parent}`, or make the demo set with `python datasets.py demo`")
+        if root.name in DATASETS:
+            where = "" if root.parent == Path("datasets") else f" --root {root.parent}"
+            raise ValueError(f"data root {root} does not exist: download it with `python datasets.py download "
+                             f"{root.name}{where}`, or make the demo set with `python datasets.py demo`")
+        raise ValueError(f"data root {root} does not exist: pass a folder holding train/A, train/B, test/A, test/B "
+                         f"(`python datasets.py list` names the CycleGAN data sets), or make the demo set with "
+                         f"`python datasets.py demo`")
     for d in (root / split / domain, root / f"{split}{domain}"):
         if d.is_dir():
             return d
@@ -175,6 +194,204 @@ def make_demo(root, size=40, n_train=300, n_test=20, seed=0):
     return root
 
 
+# ---- downloads: the CycleGAN authors' data sets and pretrained generators ----
+
+DATASET_URLS = ("http://efrosgans.eecs.berkeley.edu/cyclegan/datasets",  # current location
+                "https://people.eecs.berkeley.edu/~taesung_park/CycleGAN/datasets")  # older one, tried second
+PRETRAINED_URL = "http://efrosgans.eecs.berkeley.edu/cyclegan/pretrained_models"
+# Zip sizes in bytes as TensorFlow Datasets recorded them (cycle_gan checksums); ae_photos' size is not known.
+DATASETS = {"apple2orange": 78456409, "summer2winter_yosemite": 132640856, "horse2zebra": 116867962,
+            "monet2photo": 305231073, "cezanne2photo": 279885071, "ukiyoe2photo": 292946532,
+            "vangogh2photo": 306590349, "maps": 1476754427, "cityscapes": 279601602, "facades": 35135868,
+            "iphone2dslr_flower": 339964458, "ae_photos": None}
+PRETRAINED = ("horse2zebra", "zebra2horse", "summer2winter_yosemite", "winter2summer_yosemite", "apple2orange",
+              "orange2apple", "monet2photo", "style_monet", "style_cezanne", "style_ukiyoe", "style_vangogh", "sat2map",
+              "map2sat", "facades_photo2label", "facades_label2photo", "cityscapes_photo2label", "cityscapes_label2photo",
+              "iphone2dslr_flower")
+TIMEOUT = (10, 60)  # seconds to connect, and to wait for the next bytes before resuming
+CHUNK = 1 << 16  # bytes per read; a cut loses the chunk it interrupts, the next try asks for it again
+
+
+def http_session(retries):
+    """A requests session that retries connection errors and 429/5xx answers with exponential backoff."""
+    retry = Retry(total=retries, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504), allowed_methods={"GET"})
+    session = requests.Session()
+    session.mount("http://", HTTPAdapter(max_retries=retry))
+    session.mount("https://", HTTPAdapter(max_retries=retry))
+    return session
+
+
+def download(session, url, part, retries):
+    """Fetch url into the file `part`, resuming what it holds with a Range request; returns part once complete.
+
+    The adapter retries until a response starts; a transfer cut or stalled after that resumes here, up to
+    `retries` times in a row without progress.
+    """
+    failures = 0
+    while True:
+        start = part.stat().st_size if part.exists() else 0
+        headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={start}-"} if start else {})}  # byte counts = file
+        with session.get(url, headers=headers, stream=True, timeout=TIMEOUT) as r:
+            content_range = r.headers.get("Content-Range", "")
+            if r.status_code == 416 and content_range == f"bytes */{start}":
+                return part  # it was complete already
+            if r.status_code == 416 or (r.status_code == 206 and not content_range.startswith(f"bytes {start}-")):
+                part.unlink()  # the ranges do not line up (the file changed?): start over
+                failures += 1
+                if failures > retries:
+                    raise requests.ConnectionError(f"the server's ranges never matched {part.name}")
+                continue
+            r.raise_for_status()
+            if r.status_code == 200:
+                start = 0  # the server ignored Range (or none was asked): the body is the whole file
+            length = r.headers.get("Content-Length")
+            total = start + int(length) if length else None
+            try:
+                with open(part, "ab" if start else "wb") as f, \
+                        tqdm(total=total, initial=start, unit="B", unit_scale=True, desc=part.name[:-5]) as bar:
+                    for chunk in r.iter_content(CHUNK):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+            except requests.RequestException:
+                pass  # cut or stalled: resume below
+        size = part.stat().st_size
+        if total is None or size == total:
+            return part
+        failures = 0 if size > start else failures + 1
+        if failures > retries:
+            raise requests.ConnectionError(f"the transfer stopped at {size} of {total} bytes {failures} times in a row")
+        time.sleep(0.5 * (2 ** failures - 1))  # no wait after a transfer that made progress
+
+
+def reason(e):
+    """A few words on why a request failed: 'HTTP 404', 'Connection refused', 'timed out', ..."""
+    if isinstance(e, requests.HTTPError) and e.response is not None:
+        return f"HTTP {e.response.status_code}"
+    errno = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(e))
+    if errno:
+        return errno[1]
+    if isinstance(e, requests.Timeout):
+        return "timed out"
+    return str(e).split("Caused by ")[-1]  # urllib3's root cause, e.g. ResponseError('too many 503 error responses')
+
+
+def fetch(urls, dest, retries, by_hand):
+    """Download the first of urls that answers into dest + '.part' and return that path; ValueError if none does."""
+    part = dest.with_name(dest.name + ".part")
+    errors = []
+    with http_session(retries) as session:
+        for url in urls:
+            try:
+                return download(session, url, part, retries)
+            except requests.RequestException as e:
+                errors.append(f"{url}: {reason(e)}")
+    kept = f"; {part} keeps {part.stat().st_size} bytes for the next try" if part.exists() else ""
+    raise ValueError(f"could not download {dest.name} ({'; '.join(errors)}){kept}. {by_hand}")
+
+
+def unsafe(info):
+    """Whether a zip entry is absolute, climbs out with '..', or is a symbolic link."""
+    parts = info.filename.replace("\\", "/").split("/")
+    return info.filename.startswith(("/", "\\")) or ":" in parts[0] or ".." in parts or stat.S_ISLNK(info.external_attr >> 16)
+
+
+def extract(zip_path, target):
+    """Unzip into target (NAME/trainA ... becomes train/A ...) through a temporary folder renamed into place."""
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            bad = zf.testzip()
+            if bad is not None:
+                raise zipfile.BadZipFile(f"CRC check failed for {bad}")
+            entry = next((i.filename for i in zf.infolist() if unsafe(i)), None)
+            if entry is not None:
+                raise ValueError(f"{zip_path} holds {entry!r}, an absolute path, '..' or link: refusing to extract it")
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.extract-", dir=target.parent))
+            try:
+                zf.extractall(tmp)
+                entries = list(tmp.iterdir())
+                top = len(entries) == 1 and entries[0].is_dir() and not re.fullmatch(r"(train|test|val)[AB]", entries[0].name)
+                content = entries[0] if top else tmp  # the authors' zips hold NAME/trainA ...
+                for d in list(content.iterdir()):
+                    m = re.fullmatch(r"(train|test|val)([AB])", d.name)
+                    if m and d.is_dir():
+                        (content / m[1]).mkdir(exist_ok=True)
+                        d.rename(content / m[1] / m[2])
+                content.rename(target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise ValueError(f"{zip_path} is corrupt ({e})") from None
+
+
+def describe(root):
+    """'train/A: 1231 files, ...' for the domain folders under root, in either layout ('' if none)."""
+    folders = [d for split in ("train", "test", "val") for domain in "AB"
+               for d in (root / split / domain, root / f"{split}{domain}") if d.is_dir()]
+    return ", ".join(f"{d.relative_to(root).as_posix()}: {sum(1 for _ in d.iterdir())} files" for d in folders)
+
+
+def download_dataset(name, root="datasets", base_url=None, retries=5):
+    """The authors' data set NAME as root/NAME/{train,test}/{A,B}; does nothing if it is already there."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
+    root, urls = Path(root), [f"{u}/{name}.zip" for u in ([base_url.rstrip("/")] if base_url else DATASET_URLS)]
+    target, zip_path = root / name, root / f"{name}.zip"
+    if target.exists():
+        if not describe(target):
+            raise ValueError(f"{target} exists but holds no train/A, train/B, test/A or test/B: move it away and run again")
+        print(f"{target} is already there ({describe(target)}); nothing to do")
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f".{name}.extract-*"):  # left by an extraction that was killed
+        shutil.rmtree(stale)
+    downloaded = not zip_path.exists()  # a zip already there (fetched by hand, or by a run cut while unzipping) is used
+    if downloaded:
+        by_hand = (f"Fetch {urls[0]} by hand and unzip it into {root}/ (it holds {name}/trainA ...), "
+                   f"or save it as {zip_path} and run this again")
+        fetch(urls, zip_path, retries, by_hand).replace(zip_path)
+    try:
+        extract(zip_path, target)
+    except ValueError as e:
+        if downloaded:
+            zip_path.unlink()
+        raise ValueError(f"{e}; " + ("deleted it: run again to download it afresh" if downloaded
+                                     else "delete it and run again to download it")) from None
+    if downloaded:
+        zip_path.unlink()
+    print(f"{target}: {describe(target)}" + ("" if downloaded else f" (kept {zip_path}, which was there before)"))
+    return target
+
+
+def download_pretrained(name, root="pretrained", base_url=None, retries=5):
+    """The authors' pretrained generator NAME as root/NAME.pth, checked to load; does nothing if it is there."""
+    if name not in PRETRAINED:
+        raise ValueError(f"unknown pretrained generator {name!r}; known: {', '.join(PRETRAINED)}")
+    root, url = Path(root), f"{(base_url or PRETRAINED_URL).rstrip('/')}/{name}.pth"
+    dest = root / f"{name}.pth"
+    if dest.exists():
+        print(f"{dest} is already there; nothing to do")
+        return dest
+    root.mkdir(parents=True, exist_ok=True)
+    part = fetch([url], dest, retries, f"Fetch {url} by hand and save it as {dest}")
+    try:
+        load_generator(part)
+    except ValueError as e:
+        part.unlink()
+        raise ValueError(f"{url} is not a generator, deleted it ({e})") from None
+    part.replace(dest)
+    print(f"saved {dest}")
+    return dest
+
+
+def print_list():
+    """The downloadable data sets with their sizes, and the pretrained generators."""
+    print("data sets (python datasets.py download NAME):")
+    for name, size in DATASETS.items():
+        print(f"  {name:24s} {f'{size / 1e6:7.1f} MB' if size else '   size unknown'}")
+    print("pretrained generators (python datasets.py pretrained NAME):")
+    print("  " + ", ".join(PRETRAINED))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -184,11 +401,29 @@ def main(argv=None):
     demo.add_argument("--n_train", type=int, default=300, help="training images per domain")
     demo.add_argument("--n_test", type=int, default=20, help="test images per domain")
     demo.add_argument("--seed", type=int, default=0)
+    sub.add_parser("list", help="name the authors' data sets (with sizes) and pretrained generators")
+    for command, root, what in (("download", "datasets", "data set"), ("pretrained", "pretrained", "generator")):
+        p = sub.add_parser(command, help=f"download one of the authors' {what}s (resumes a cut download)")
+        p.add_argument("name", help="see `python datasets.py list`")
+        p.add_argument("--root", default=root, help=f"folder for the {what} (default {root})")
+        p.add_argument("--base_url", help=f"fetch BASE_URL/NAME.{'zip' if what == 'data set' else 'pth'} instead (a mirror)")
+        p.add_argument("--retries", type=int, default=5, help="retries after a failed connection or a cut transfer")
     args = parser.parse_args(argv)
     if args.command == "demo":
         root = make_demo(args.root, args.size, args.n_train, args.n_test, args.seed)
         print(f"wrote {2 * args.n_train} training and {3 * args.n_test} test images to {root}")
+    elif args.command == "list":
+        print_list()
+    elif args.command == "download":
+        download_dataset(args.name, args.root, args.base_url, args.retries)
+    else:
+        download_pretrained(args.name, args.root, args.base_url, args.retries)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (ValueError, OSError) as e:  # OSError: a full disk, an unwritable --root, a network error
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted (a download resumes from its .part file when run again)")
