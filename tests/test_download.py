@@ -281,3 +281,10 @@ def test_pretrained_file_that_is_not_a_generator_is_deleted(server, tmp_path):
     with pytest.raises(ValueError, match="not a generator, deleted it"):
         download_pretrained("horse2zebra", tmp_path, server.url, retries=0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_data_root_names_the_download_command(tmp_path):
+    with pytest.raises(ValueError, match=f"python datasets.py download {NAME} --root {re.escape(str(tmp_path))}`"):
+        domain_dir(tmp_path / NAME, "train", "A")
+    with pytest.raises(ValueError, match="python datasets.py list"):
+        domain_dir(tmp_path / "my_photos", "train", "A")
