@@ -292,7 +292,11 @@ def fetch(urls, dest, retries, by_hand):
 def unsafe(info):
     """Whether a zip entry is absolute, climbs out with '..', or is a symbolic link."""
     parts = info.filename.replace("\\", "/").split("/")
-    return info.filename.startswith(("/", "\\")) or ":" in parts[0] or ".." in parts or stat.S_ISLNK(info.external_attr >> 16)
+    absolute = info.filename.startswith(("/", "\\")) or ":" in parts[0]  # posix root, Windows root or drive
+    return absolute or ".." in parts or stat.S_ISLNK(info.external_attr >> 16)
+
+
+SPLIT_DOMAIN = r"(train|test|val)([AB])"  # the authors' folder names: trainA, testB, ...
 
 
 def extract(zip_path, target):
@@ -309,10 +313,10 @@ def extract(zip_path, target):
             try:
                 zf.extractall(tmp)
                 entries = list(tmp.iterdir())
-                top = len(entries) == 1 and entries[0].is_dir() and not re.fullmatch(r"(train|test|val)[AB]", entries[0].name)
+                top = len(entries) == 1 and entries[0].is_dir() and not re.fullmatch(SPLIT_DOMAIN, entries[0].name)
                 content = entries[0] if top else tmp  # the authors' zips hold NAME/trainA ...
                 for d in list(content.iterdir()):
-                    m = re.fullmatch(r"(train|test|val)([AB])", d.name)
+                    m = re.fullmatch(SPLIT_DOMAIN, d.name)
                     if m and d.is_dir():
                         (content / m[1]).mkdir(exist_ok=True)
                         d.rename(content / m[1] / m[2])

@@ -4,6 +4,8 @@ Layer order and state-dict keys match aitorzip/PyTorch-CycleGAN and the authors'
 generators, so their .pth files load with strict=True; load_generator also reads other
 implementations' ResNet generators by matching layers by order and shape.
 """
+from functools import partial
+
 import torch
 import torch.nn as nn
 
@@ -11,9 +13,10 @@ import torch.nn as nn
 class ResidualBlock(nn.Module):
     def __init__(self, in_features, affine=False):
         super().__init__()
+        norm = partial(nn.InstanceNorm2d, affine=affine)
         self.conv_block = nn.Sequential(
-            nn.ReflectionPad2d(1), nn.Conv2d(in_features, in_features, 3), nn.InstanceNorm2d(in_features, affine=affine), nn.ReLU(inplace=True),
-            nn.ReflectionPad2d(1), nn.Conv2d(in_features, in_features, 3), nn.InstanceNorm2d(in_features, affine=affine),
+            nn.ReflectionPad2d(1), nn.Conv2d(in_features, in_features, 3), norm(in_features), nn.ReLU(inplace=True),
+            nn.ReflectionPad2d(1), nn.Conv2d(in_features, in_features, 3), norm(in_features),
         )
 
     def forward(self, x):
@@ -28,16 +31,16 @@ class Generator(nn.Module):
 
     def __init__(self, input_nc, output_nc, n_residual_blocks=9, affine=False):
         super().__init__()
-        layers = [nn.ReflectionPad2d(3), nn.Conv2d(input_nc, 64, 7), nn.InstanceNorm2d(64, affine=affine), nn.ReLU(inplace=True)]
+        norm = partial(nn.InstanceNorm2d, affine=affine)
+        layers = [nn.ReflectionPad2d(3), nn.Conv2d(input_nc, 64, 7), norm(64), nn.ReLU(inplace=True)]
         features = 64
         for _ in range(2):  # downsample
-            layers += [nn.Conv2d(features, features * 2, 3, stride=2, padding=1), nn.InstanceNorm2d(features * 2, affine=affine),
-                       nn.ReLU(inplace=True)]
+            layers += [nn.Conv2d(features, features * 2, 3, stride=2, padding=1), norm(features * 2), nn.ReLU(inplace=True)]
             features *= 2
         layers += [ResidualBlock(features, affine) for _ in range(n_residual_blocks)]
         for _ in range(2):  # upsample
             layers += [nn.ConvTranspose2d(features, features // 2, 3, stride=2, padding=1, output_padding=1),
-                       nn.InstanceNorm2d(features // 2, affine=affine), nn.ReLU(inplace=True)]
+                       norm(features // 2), nn.ReLU(inplace=True)]
             features //= 2
         layers += [nn.ReflectionPad2d(3), nn.Conv2d(64, output_nc, 7), nn.Tanh()]
         self.model = nn.Sequential(*layers)
@@ -96,26 +99,30 @@ def load_generator(path, input_nc=3, output_nc=3, map_location="cpu"):
     n_convs = sum(v.dim() == 4 for v in state.values())  # c7s1 + 2 down + 2 per residual block + 2 up + c7s1
     n_vectors = sum(v.dim() == 1 for v in state.values())  # conv biases, plus weight and bias of each affine norm
     affine = n_vectors == n_convs + 2 * (n_convs - 1)  # every conv but the last is followed by a norm
-    if n_convs < 6 or n_convs % 2 or n_vectors not in (n_convs, n_convs + 2 * (n_convs - 1)) or len(state) != n_convs + n_vectors:
+    n_others = len(state) - n_convs - n_vectors
+    if n_convs < 6 or n_convs % 2 or n_vectors not in (n_convs, n_convs + 2 * (n_convs - 1)) or n_others:
         raise ValueError(f"{path} is not a CycleGAN ResNet generator: expected 6 + 2n conv weights (4-D) with a bias each, "
                          f"and optionally a weight and bias per InstanceNorm; found {n_convs} 4-D, {n_vectors} 1-D and "
-                         f"{len(state) - n_convs - n_vectors} other tensors")
+                         f"{n_others} other tensors")
     weights = [v for v in state.values() if v.dim() == 4]
     if (weights[0].shape[1], weights[-1].shape[0]) != (input_nc, output_nc):
-        raise ValueError(f"{path} translates {weights[0].shape[1]} to {weights[-1].shape[0]} channels, not {input_nc} to "
-                         f"{output_nc}: set the channel counts (--input_nc, --output_nc) to match")
-    netG = Generator(input_nc, output_nc, (n_convs - 6) // 2, affine)
+        raise ValueError(f"{path} is not a {input_nc}->{output_nc} channel generator: it translates {weights[0].shape[1]} "
+                         f"to {weights[-1].shape[0]} channels; set the channel counts (--input_nc, --output_nc) to match")
+    n_blocks = (n_convs - 6) // 2
+    netG = Generator(input_nc, output_nc, n_blocks, affine)
     expected = netG.state_dict()
     by_name = {k.removeprefix("module."): v for k, v in state.items()}
     if by_name.keys() != expected.keys():  # another implementation's names: take the file's tensors in order
         for i, ((name, want), (key, got)) in enumerate(zip(expected.items(), state.items())):
             if got.shape != want.shape:
                 raise ValueError(f"{path} is not a CycleGAN ResNet generator: its tensor {i} ({key}) has shape "
-                                 f"{tuple(got.shape)} where a {(n_convs - 6) // 2}-block generator has {name} of shape {tuple(want.shape)}")
+                                 f"{tuple(got.shape)} where a {n_blocks}-block generator has {name} of shape "
+                                 f"{tuple(want.shape)}")
         by_name = dict(zip(expected, state.values()))
     try:
         netG.load_state_dict(by_name)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[:3]
-        raise ValueError(f"{path} is not a {input_nc}->{output_nc} channel CycleGAN ResNet generator: " + " ".join(first)) from None
+        raise ValueError(f"{path} is not a {input_nc}->{output_nc} channel CycleGAN ResNet generator: "
+                         + " ".join(first)) from None
     return netG

@@ -257,7 +257,8 @@ def authors_generator_bytes():
     state = dict(G.state_dict())
     for name, m in G.named_modules():
         if isinstance(m, torch.nn.InstanceNorm2d):
-            state[f"{name}.running_mean"], state[f"{name}.running_var"] = torch.zeros(m.num_features), torch.ones(m.num_features)
+            state[f"{name}.running_mean"] = torch.zeros(m.num_features)
+            state[f"{name}.running_var"] = torch.ones(m.num_features)
             state[f"{name}.num_batches_tracked"] = torch.tensor(0)
     buf = io.BytesIO()
     torch.save(state, buf)

@@ -81,7 +81,7 @@ def test_missing_checkpoint_says_to_train(tmp_path):
 
 def test_channel_mismatch_names_both_counts(tmp_path):
     torch.save(Generator(1, 3).state_dict(), tmp_path / "gray2rgb.pth")
-    with pytest.raises(ValueError, match="translates 1 to 3 channels, not 3 to 3"):
+    with pytest.raises(ValueError, match="is not a 3->3 channel generator: it translates 1 to 3 channels"):
         load_generator(tmp_path / "gray2rgb.pth")
     assert load_generator(tmp_path / "gray2rgb.pth", input_nc=1, output_nc=3)
 
@@ -113,7 +113,8 @@ class OtherResnetGenerator(nn.Module):
         super().__init__()
         norm = lambda c: nn.InstanceNorm2d(c, affine=affine)  # noqa: E731
         self.head = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(3, 64, 7), norm(64), nn.ReLU(),
-                                  nn.Conv2d(64, 128, 3, 2, 1), norm(128), nn.ReLU(), nn.Conv2d(128, 256, 3, 2, 1), norm(256), nn.ReLU())
+                                  nn.Conv2d(64, 128, 3, 2, 1), norm(128), nn.ReLU(),
+                                  nn.Conv2d(128, 256, 3, 2, 1), norm(256), nn.ReLU())
         self.blocks = nn.Sequential(*[OtherBlock(256, affine) for _ in range(n_blocks)])
         self.tail = nn.Sequential(nn.ConvTranspose2d(256, 128, 3, 2, 1, 1), norm(128), nn.ReLU(),
                                   nn.ConvTranspose2d(128, 64, 3, 2, 1, 1), norm(64), nn.ReLU(),
