@@ -88,7 +88,7 @@ def skipped_summary(skipped):
     """The one start-of-run message naming the files left out (empty string if none)."""
     if not skipped:
         return ""
-    return f"left out {len(skipped)} file(s) that cannot be images:\n" + format_bad(skipped)
+    return f"left out {len(skipped)} file{'s' * (len(skipped) > 1)} that cannot be images:\n" + format_bad(skipped)
 
 
 def new_bad_files(bad, seen):

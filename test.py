@@ -147,7 +147,7 @@ def main(args):
             real = images.to(device, memory_format=layout, non_blocking=True)
             with autocast:
                 fake = translate(G, real)
-                results = [real, fake] + [translate(G_back, fake)] * (G_back is not None)
+                results = [real, fake] if G_back is None else [real, fake, translate(G_back, fake)]
             results = [to_uint8(r.float()).cpu() for r in results]  # 8 bits on the device: a quarter of the copy
             for k, i in enumerate(indices):
                 name = folder.names[i]
@@ -156,9 +156,9 @@ def main(args):
                 rows.append((folder.files[i].name, [f"{d}/{name}.png" for d in folders]))
                 if src == "A":
                     written_A[name] = folder.files[i]
-        G_name = "G_A2B" if src == "A" else "G_B2A"
-        sections.append((f"{src} → {dst}: {G_name} ({G_path})",
-                         [f"source ({src})", f"{G_name}(x)"] + [f"reconstruction ({src})"] * (G_back is not None), rows))
+        G_name, G_back_name = ("G_A2B", "G_B2A") if src == "A" else ("G_B2A", "G_A2B")
+        columns = [f"x ({src})", f"{G_name}(x)"] + [f"{G_back_name}({G_name}(x))"] * (G_back is not None)
+        sections.append((f"{src} → {dst}: {G_name} = {G_path}", columns, rows))
         print(f"wrote {len(rows)} {src}->{dst} translations to {out / dst}"
               + (f", reconstructions to {out / folders[2]}" if G_back is not None else ""))
     write_index(out / "index.html", sections, skipped)
