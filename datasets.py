@@ -18,12 +18,13 @@ import tempfile
 import time
 import zipfile
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import requests
 import torchvision.transforms.functional as TF
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from requests.adapters import HTTPAdapter
 from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
@@ -60,6 +61,65 @@ def list_images(folder):
     return files
 
 
+def not_an_image(path):
+    """Why path cannot be an image (from its header only: Image.open decodes no pixels), or None if it may be one."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+        with Image.open(path):  # parses the header only
+            return None
+    except UnidentifiedImageError:
+        if path.name.startswith("._"):
+            return "macOS metadata (AppleDouble) file, not an image"
+        return "not an image file (unknown format)"
+    except Exception as e:  # PIL plugins raise many types on broken headers
+        return f"{type(e).__name__}: {e}"
+
+
+def scan_images(files):
+    """Split files into (readable, [(path, reason)]) by their headers."""
+    reasons = [(path, not_an_image(path)) for path in files]
+    return [p for p, r in reasons if r is None], [(p, r) for p, r in reasons if r is not None]
+
+
+def readable_images(folder, max_bad=0.1):
+    """list_images(folder) less the files that cannot be images: (files, skipped [(path, reason)]).
+
+    Raises ValueError, listing them, when more than max_bad of the folder is unreadable. AppleDouble
+    `._name` files (a Mac's copy onto a FAT/exFAT drive makes one per image) are skipped but not counted."""
+    files = list_images(folder)
+    good, bad = scan_images(files)
+    metadata = sum(p.name.startswith("._") for p, _ in bad)
+    if len(bad) - metadata > max_bad * (len(files) - metadata) or not good:
+        raise ValueError(f"{len(bad)} of {len(files)} image files in {folder} cannot be read (more than "
+                         f"{max_bad:.0%}): fix or remove them, or check that this is the right folder:\n"
+                         + format_bad(bad))
+    return good, bad
+
+
+def format_bad(bad, limit=20):
+    """'  PATH: reason' lines for at most `limit` files, then '  and N more'."""
+    lines = [f"  {path}: {reason}" for path, reason in bad[:limit]]
+    return "\n".join(lines + [f"  and {len(bad) - limit} more"] * (len(bad) > limit))
+
+
+def skipped_summary(skipped):
+    """The one start-of-run message naming the files left out (empty string if none)."""
+    if not skipped:
+        return ""
+    return f"left out {len(skipped)} file{'s' * (len(skipped) > 1)} that cannot be images:\n" + format_bad(skipped)
+
+
+def new_bad_files(bad, seen):
+    """The lines of a batch's "bad" entry (a str, or a list of them when batched) not yet in `seen`; adds them.
+
+    Loader workers are separate processes, so only the main process can report each bad file once."""
+    lines = [line for entry in ([bad] if isinstance(bad, str) else bad) for line in entry.splitlines()]
+    new = [line for line in dict.fromkeys(lines) if line not in seen]
+    seen.update(new)
+    return new
+
+
 def load_image(path, nc=3):
     """Open any PIL mode as RGB (nc=3) or L (nc=1): EXIF rotation applied, alpha over white, 16-bit scaled."""
     img = ImageOps.exif_transpose(Image.open(path))
@@ -88,11 +148,17 @@ class ImageDataset(Dataset):
 
     All randomness (which B, crop, flip) comes from (seed, epoch, i), so the data a step sees is a
     pure function of the step: a resumed run, and any number of loader workers, see the same stream.
+    Files that cannot be images are left out at construction (self.skipped: [(path, reason)]); one
+    that fails to decode later is replaced by an image drawn from (seed, epoch, i, attempt) and
+    named in the item's "bad" string ("PATH: reason" lines), for the main process to report.
     """
 
+    attempts = 5  # decode failures in a row before giving up on an item
+
     def __init__(self, root, size, input_nc=3, output_nc=3, split="train", seed=0):
-        self.files_A = list_images(domain_dir(root, split, "A"))
-        self.files_B = list_images(domain_dir(root, split, "B"))
+        self.files_A, skipped_A = readable_images(domain_dir(root, split, "A"))
+        self.files_B, skipped_B = readable_images(domain_dir(root, split, "B"))
+        self.skipped = skipped_A + skipped_B
         self.size, self.input_nc, self.output_nc, self.seed = size, input_nc, output_nc, seed
 
     def __len__(self):
@@ -106,13 +172,25 @@ class ImageDataset(Dataset):
         img = TF.crop(img, int(top), int(left), self.size, self.size)
         return to_tensor(TF.hflip(img) if rng.random() < 0.5 else img)
 
+    def load(self, files, k, nc, key, domain):
+        """(files[k] as an image, bad lines); a file that fails to decode is replaced by one drawn from
+        (seed, epoch, i, domain, attempt) alone, never from what this process loaded before."""
+        bad = []
+        for attempt in range(self.attempts):
+            try:
+                return load_image(files[k], nc), bad
+            except Exception as e:  # a broken file makes PIL raise OSError, SyntaxError, ValueError, ...
+                bad.append(f"{files[k]}: cannot be decoded ({type(e).__name__}: {e})")
+                k = int(np.random.default_rng([self.seed, *key, domain, attempt]).integers(len(files)))
+        raise RuntimeError(f"{self.attempts} files in a row failed to decode; is the data set readable?\n" + "\n".join(bad))
+
     def __getitem__(self, key):
         epoch, i = key
         rng = np.random.default_rng([self.seed, epoch, i])
-        path_A = self.files_A[i % len(self.files_A)]
-        path_B = self.files_B[rng.integers(len(self.files_B))]
-        return {"A": self.augment(load_image(path_A, self.input_nc), rng),
-                "B": self.augment(load_image(path_B, self.output_nc), rng)}
+        k_B = int(rng.integers(len(self.files_B)))
+        img_A, bad_A = self.load(self.files_A, i % len(self.files_A), self.input_nc, key, 0)
+        img_B, bad_B = self.load(self.files_B, k_B, self.output_nc, key, 1)
+        return {"A": self.augment(img_A, rng), "B": self.augment(img_B, rng), "bad": "\n".join(bad_A + bad_B)}
 
 
 class EpochSampler(Sampler):
@@ -136,16 +214,25 @@ class EpochSampler(Sampler):
 
 
 class ImageFolder(Dataset):
-    """Every image of one folder at its own size, for test.py: (image (C, H, W), file stem)."""
+    """Image files at their own size, for test.py: item i is (image (C, H, W), i, "") or (None, i, "reason").
 
-    def __init__(self, folder, nc=3):
-        self.files, self.nc = list_images(folder), nc
+    Files that cannot be images are left out (self.skipped). self.names[i] names the outputs: the file's stem,
+    or its whole name where two files share a stem (x.jpg and x.png)."""
+
+    def __init__(self, files, nc=3):
+        self.files, self.skipped = scan_images(files)
+        stems = Counter(p.stem for p in self.files)
+        self.names = [p.stem if stems[p.stem] == 1 else p.name for p in self.files]
+        self.nc = nc
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
-        return to_tensor(load_image(self.files[i], self.nc)), self.files[i].stem
+        try:
+            return to_tensor(load_image(self.files[i], self.nc)), i, ""
+        except Exception as e:  # reported and skipped by test.py
+            return None, i, f"cannot be decoded ({type(e).__name__}: {e})"
 
 
 # ---- demo data: procedural landscapes, the same scene rendered in summer and in winter ----

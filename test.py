@@ -1,23 +1,32 @@
-"""Translate the test images of both domains with trained generators.
+"""Translate images with trained generators, and write a results page.
 
-    python test.py                                   # output/netG_*.pth on datasets/summer2winter_yosemite
-    python test.py --dataroot datasets/demo          # also prints PSNR when test/truth_B exists
+    python test.py                                           # OUTPUT_DIR/netG_*.pth on datasets/summer2winter_yosemite
+    python test.py --dataroot datasets/demo --output_dir output/demo     # after train.py --output_dir output/demo
+    python test.py --input photo.jpg --generator pretrained/horse2zebra.pth    # one image, or every image of a folder
+    python test.py --input photos/ --generator output/netG_B2A.pth --direction BtoA
 
-Every image keeps its own size: test/A/x.jpg -> output/B/x.png, test/B/y.jpg -> output/A/y.png.
+Data-root mode: test/A/x.jpg -> OUTPUT_DIR/B/x.png through G_A2B and test/B/y.jpg -> OUTPUT_DIR/A/y.png through
+G_B2A, with the cycle reconstructions in OUTPUT_DIR/rec_A/x.png and rec_B/y.png. --input mode: one generator, the
+same names, no reconstruction. Every image keeps its size; PNG copies of the sources go to OUTPUT_DIR/real_A (real_B),
+and OUTPUT_DIR/index.html shows each source beside its results. Unreadable images are reported and skipped.
 (Run it as a script; this file shadows Python's stdlib `test` package.)
 """
 import argparse
+import contextlib
+import html
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader
-from torchvision.transforms.functional import to_pil_image
 
-from datasets import ImageFolder, domain_dir, list_images, load_image
+from datasets import ImageFolder, domain_dir, format_bad, list_images, load_image
 from models import load_generator
+from utils import loader_workers, to_uint8
 
 
 def get_parser():
@@ -29,9 +38,15 @@ def get_parser():
     p.add_argument("--size", type=int, default=256, help="unused: images are translated at their own size (kept for the seed's scripts)")
     p.add_argument("--cuda", action="store_true", help="use GPU computation")
     p.add_argument("--n_cpu", type=int, default=8, help="number of cpu threads to use during batch generation")
-    p.add_argument("--generator_A2B", type=str, default="output/netG_A2B.pth", help="A2B generator checkpoint file")
-    p.add_argument("--generator_B2A", type=str, default="output/netG_B2A.pth", help="B2A generator checkpoint file")
+    p.add_argument("--generator_A2B", type=str, default=None, help="A2B generator checkpoint file (default: OUTPUT_DIR/netG_A2B.pth)")
+    p.add_argument("--generator_B2A", type=str, default=None, help="B2A generator checkpoint file (default: OUTPUT_DIR/netG_B2A.pth)")
     p.add_argument("--output_dir", type=str, default="output", help="translations go to OUTPUT_DIR/A and OUTPUT_DIR/B")
+    p.add_argument("--input", type=str, default=None, help="translate this image, or every image of this folder, "
+                                                             "instead of DATAROOT/test")
+    p.add_argument("--generator", type=str, default=None, help="with --input: the generator to use "
+                                                                 "(default: the --direction's --generator_A2B/B2A)")
+    p.add_argument("--direction", choices=["AtoB", "BtoA"], default=None, help="with --input: the images are "
+                                                                                "domain A (AtoB, the default) or B")
     return p
 
 
@@ -46,16 +61,26 @@ def translate(G, x):
     return y[..., :h, :w]
 
 
-def batches(loader, batch_size):
-    """Group consecutive images of equal size into batches of up to batch_size: (images (B, C, H, W), stems)."""
+def batches(loader, batch_size, bad):
+    """Group consecutive images of equal size into batches of up to batch_size: (images (B, C, H, W), indices).
+    Images that fail to decode are reported, appended to `bad` as (path, reason) and left out."""
     group = []
-    for image, stem in loader:
+    for image, i, error in loader:
+        if error:
+            print(f"skipped {loader.dataset.files[i]}: {error}", file=sys.stderr)
+            bad.append((loader.dataset.files[i], error))
+            continue
         if group and (len(group) == batch_size or image.shape != group[0][0].shape):
             yield torch.stack([g[0] for g in group]), [g[1] for g in group]
             group = []
-        group.append((image, stem))
+        group.append((image, i))
     if group:
         yield torch.stack([g[0] for g in group]), [g[1] for g in group]
+
+
+def save_png(x, path):
+    """(C, H, W) uint8 -> PNG, gray when C == 1."""
+    Image.fromarray(x.permute(1, 2, 0).squeeze(-1).numpy()).save(path)
 
 
 def psnr(a, b):
@@ -64,39 +89,130 @@ def psnr(a, b):
     return 10 * np.log10(255.0 ** 2 / max(mse, 1e-10))
 
 
+def generator(path, input_nc, output_nc, device):
+    """load_generator, ready for inference; channels_last (cuDNN's fast layout) on the GPU."""
+    G = load_generator(path, input_nc, output_nc, map_location=device)
+    return G.to(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format).eval()
+
+
+def jobs_of(args, device):
+    """What to translate: [(source domain, files, channels, generator, its path, reverse generator or None)]."""
+    out = Path(args.output_dir)
+    if args.input is None:
+        if args.generator or args.direction:
+            raise ValueError("--generator and --direction go with --input; in data-root mode use --generator_A2B "
+                             "and --generator_B2A (default: OUTPUT_DIR/netG_A2B.pth and netG_B2A.pth)")
+        paths = (args.generator_A2B or out / "netG_A2B.pth", args.generator_B2A or out / "netG_B2A.pth")
+        G_A2B = generator(paths[0], args.input_nc, args.output_nc, device)
+        G_B2A = generator(paths[1], args.output_nc, args.input_nc, device)
+        return [("A", list_images(domain_dir(args.dataroot, "test", "A")), args.input_nc, G_A2B, paths[0], G_B2A),
+                ("B", list_images(domain_dir(args.dataroot, "test", "B")), args.output_nc, G_B2A, paths[1], G_A2B)]
+    source = Path(args.input)
+    if source.is_dir():
+        files = list_images(source)
+    elif source.is_file():
+        files = [source]  # named by the user: any extension, PIL decides
+    else:
+        raise ValueError(f"--input {source} does not exist: pass an image file or a folder of images")
+    if args.direction == "BtoA":
+        path = args.generator or args.generator_B2A or out / "netG_B2A.pth"
+        return [("B", files, args.output_nc, generator(path, args.output_nc, args.input_nc, device), path, None)]
+    path = args.generator or args.generator_A2B or out / "netG_A2B.pth"
+    return [("A", files, args.input_nc, generator(path, args.input_nc, args.output_nc, device), path, None)]
+
+
 def main(args):
     if args.cuda and not torch.cuda.is_available():
         raise ValueError("--cuda was given but PyTorch sees no CUDA GPU; drop --cuda to run on the CPU")
     device = torch.device("cuda" if args.cuda else "cpu")
-    G_A2B = load_generator(args.generator_A2B, args.input_nc, args.output_nc).to(device).eval()
-    G_B2A = load_generator(args.generator_B2A, args.output_nc, args.input_nc).to(device).eval()
+    # On the GPU: bf16 and channels_last (cuDNN's fast layout); on the CPU fp32, so results are exact.
+    cuda = device.type == "cuda"
+    layout = torch.channels_last if cuda else torch.contiguous_format
+    autocast = torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext()
     out = Path(args.output_dir)
-    for G, src, dst, nc in ((G_A2B, "A", "B", args.input_nc), (G_B2A, "B", "A", args.output_nc)):
-        folder = ImageFolder(domain_dir(args.dataroot, "test", src), nc)
-        loader = DataLoader(folder, batch_size=None, num_workers=min(args.n_cpu, len(folder)))
-        (out / dst).mkdir(parents=True, exist_ok=True)
-        for images, stems in batches(loader, args.batchSize):
-            fakes = translate(G, images.to(device))
-            for fake, stem in zip(fakes, stems):
-                to_pil_image((fake.float().cpu().clamp(-1, 1) + 1) / 2).save(out / dst / f"{stem}.png")
-        print(f"wrote {len(folder)} {src}->{dst} translations to {out / dst}")
-    report_psnr(args, out)
+    jobs = jobs_of(args, device)
+    sections, skipped, written_A = [], [], {}
+    for src, files, nc, G, G_path, G_back in jobs:
+        dst = "B" if src == "A" else "A"
+        folder = ImageFolder(files, nc)
+        skipped += folder.skipped
+        for path, reason in folder.skipped:
+            print(f"skipped {path}: {reason}", file=sys.stderr)
+        loader = DataLoader(folder, batch_size=None, num_workers=loader_workers(args.n_cpu, len(folder)), pin_memory=cuda)
+        folders = [f"real_{src}", dst] + [f"rec_{src}"] * (G_back is not None)  # source copy, translation, reconstruction
+        for d in folders:
+            (out / d).mkdir(parents=True, exist_ok=True)
+        rows = []
+        for images, indices in batches(loader, args.batchSize, skipped):
+            real = images.to(device, memory_format=layout, non_blocking=True)
+            with autocast:
+                fake = translate(G, real)
+                results = [real, fake] if G_back is None else [real, fake, translate(G_back, fake)]
+            results = [to_uint8(r.float()).cpu() for r in results]  # 8 bits on the device: a quarter of the copy
+            for k, i in enumerate(indices):
+                name = folder.names[i]
+                for d, r in zip(folders, results):
+                    save_png(r[k], out / d / f"{name}.png")
+                rows.append((folder.files[i].name, [f"{d}/{name}.png" for d in folders]))
+                if src == "A":
+                    written_A[name] = folder.files[i]
+        G_name, G_back_name = ("G_A2B", "G_B2A") if src == "A" else ("G_B2A", "G_A2B")
+        columns = [f"x ({src})", f"{G_name}(x)"] + [f"{G_back_name}({G_name}(x))"] * (G_back is not None)
+        sections.append((f"{src} → {dst}: {G_name} = {G_path}", columns, rows))
+        print(f"wrote {len(rows)} {src}->{dst} translations to {out / dst}"
+              + (f", reconstructions to {out / folders[2]}" if G_back is not None else ""))
+    write_index(out / "index.html", sections, skipped)
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image(s):\n" + format_bad(skipped))
+    if not any(section[2] for section in sections):
+        raise ValueError("no image could be read, nothing was translated")
+    print(f"results page: {out / 'index.html'}")
+    if args.input is None:
+        report_psnr(args, out, written_A)
     return 0
 
 
-def report_psnr(args, out):
+PAGE_STYLE = ("body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}"
+              "th,td{padding:4px 8px;text-align:center;vertical-align:middle;border-bottom:1px solid #ddd}"
+              "td.name{text-align:left;max-width:16em;overflow-wrap:anywhere}"
+              "img{display:block;min-width:128px;max-width:min(30vw,512px);height:auto}")
+
+
+def write_index(path, sections, skipped):
+    """The results page: one table per direction, a row per source image with its PNG copy and results side by side.
+    Relative links and inline CSS only, so it opens from disk, and keeps working when the folder is moved."""
+    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>CycleGAN results</title>"
+             f"<style>{PAGE_STYLE}</style></head><body>\n<h1>CycleGAN results</h1>"]
+    for title, columns, rows in sections:
+        parts.append(f"<h2>{html.escape(title)}</h2>\n<table><tr><th>file</th>"
+                     + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>")
+        for name, images in rows:
+            cells = "".join(f'<td><a href="{quote(src)}"><img src="{quote(src)}" alt="{html.escape(src)}" '
+                            f'loading="lazy"></a></td>' for src in images)
+            parts.append(f'<tr><td class="name">{html.escape(name)}</td>{cells}</tr>')
+        parts.append("</table>")
+    if skipped:
+        parts.append("<h2>Skipped (unreadable)</h2>\n<ul>" + "".join(
+            f"<li>{html.escape(str(p))}: {html.escape(r)}</li>" for p, r in skipped) + "</ul>")
+    parts.append("</body></html>\n")
+    path.write_text("\n".join(parts), encoding="utf-8")
+
+
+def report_psnr(args, out, written_A):
     """With ground truth in test/truth_B (the demo has it): PSNR of G_A2B(A) and of doing nothing (A itself)."""
     truth_dir = Path(args.dataroot) / "test" / "truth_B"
     if not truth_dir.is_dir():
         return
-    sources = {p.stem: p for p in list_images(domain_dir(args.dataroot, "test", "A"))}
     ours, baseline = [], []
     for path in list_images(truth_dir):
+        if path.stem not in written_A:  # its source was unreadable
+            continue
         truth = np.asarray(load_image(path, args.output_nc))
         ours.append(psnr(np.asarray(load_image(out / "B" / f"{path.stem}.png", args.output_nc)), truth))
-        baseline.append(psnr(np.asarray(load_image(sources[path.stem], args.input_nc)), truth))
-    print(f"PSNR of G_A2B(test/A) against test/truth_B: {np.mean(ours):.2f} dB "
-          f"(do-nothing baseline, test/A itself: {np.mean(baseline):.2f} dB)")
+        baseline.append(psnr(np.asarray(load_image(written_A[path.stem], args.input_nc)), truth))
+    if ours:
+        print(f"PSNR of G_A2B(test/A) against test/truth_B: {np.mean(ours):.2f} dB "
+              f"(do-nothing baseline, test/A itself: {np.mean(baseline):.2f} dB)")
 
 
 if __name__ == "__main__":

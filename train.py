@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from datasets import EpochSampler, ImageDataset
+from datasets import EpochSampler, ImageDataset, new_bad_files, skipped_summary
 from models import Discriminator, Generator, weights_init_normal
 from utils import (Logger, ReplayBuffer, VisdomPlotter, atomic_save, linear_decay, rng_state, seed_everything,
                    set_requires_grad, set_rng_state, unwrap)
@@ -133,6 +133,9 @@ def main(args):
         dataset = ImageDataset(args.dataroot, args.size, args.input_nc, args.output_nc, seed=args.seed)
     except ValueError as e:
         raise UserError(e) from None
+    if dataset.skipped:
+        print(skipped_summary(dataset.skipped), file=sys.stderr)
+    seen_bad = set()  # files that failed to decode, each reported once (workers cannot know what others saw)
     steps_per_epoch = math.ceil(len(dataset) / args.batchSize)
     step, start_epoch, seconds = 0, args.epoch, 0.0
     if ckpt is not None:
@@ -204,6 +207,8 @@ def main(args):
         sampler.set_epoch(epoch, done * args.batchSize)
         logger.begin_epoch(epoch, args.n_epochs, done, steps_per_epoch)
         for batch in loader:
+            for line in new_bad_files(batch["bad"], seen_bad):
+                print(f"{line}; replaced by another image", file=sys.stderr)
             real_A, real_B = batch["A"].to(device, non_blocking=True), batch["B"].to(device, non_blocking=True)
 
             # ---- Generators: minimise adversarial + lambda_cycle * cycle + lambda_cycle * lambda_identity * identity ----

@@ -107,10 +107,23 @@ def atomic_save(obj, path):
         pass
 
 
+def to_uint8(x):
+    """Generator output in [-1, 1] -> uint8, rounded exactly as the seed: 0.5 * (x + 1) written by torchvision's
+    save_image, which computes mul(255).add_(0.5).clamp_(0, 255) and truncates."""
+    return (0.5 * (x + 1.0)).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+
+
 def tensor2image(x):
     """(C, H, W) in [-1, 1] -> (3, H, W) uint8 for display."""
-    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    x = to_uint8(x.detach().float().cpu())
     return (x.expand(3, -1, -1) if x.shape[0] == 1 else x).numpy()
+
+
+def loader_workers(n_cpu, n_items):
+    """DataLoader workers worth starting: at most n_cpu, the CPUs this process may run on, and n_items
+    (more only cost start-up time, and make PyTorch warn about excessive worker creation)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(n_cpu, cpus, n_items))
 
 
 class Logger:
