@@ -13,6 +13,9 @@ from pathlib import Path
 import numpy as np
 import requests
 import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.utils import make_grid
 from tqdm import tqdm
 
 
@@ -126,6 +129,33 @@ def loader_workers(n_cpu, n_items):
     return max(0, min(n_cpu, cpus, n_items))
 
 
+SAMPLE_ROWS = {"A": ["real_A", "fake_B", "rec_A"], "B": ["real_B", "fake_A", "rec_B"]}  # one row per domain
+SAMPLE_COLUMNS = ["real", "fake", "reconstructed"]
+
+
+def sample_grid(images, min_cell=128, pad=4):
+    """The six (3, h, w) uint8 samples as one labelled (3, H, W) picture: rows A and B, columns real / fake / rec."""
+    x = torch.stack([torch.from_numpy(images[n]) for names in SAMPLE_ROWS.values() for n in names])  # (6, 3, h, w)
+    scale = -(-min_cell // min(x.shape[2:]))  # a 32 px crop is narrower than its label: enlarge, pixels kept sharp
+    if scale > 1:
+        x = F.interpolate(x, scale_factor=scale, mode="nearest")
+    h, w = x.shape[2:]
+    grid = Image.fromarray(make_grid(x, nrow=3, padding=pad, pad_value=255).permute(1, 2, 0).numpy())
+    font = ImageFont.load_default(size=max(14, w // 12))
+    text_h = font.getbbox("Ag")[3]
+    top, left = 2 * text_h, 2 * text_h
+    canvas = Image.new("RGB", (left + grid.width, top + grid.height), "white")
+    canvas.paste(grid, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    for j, label in enumerate(SAMPLE_COLUMNS):
+        cx = left + pad + j * (w + pad) + w / 2
+        draw.text((cx - draw.textlength(label, font) / 2, (top - text_h) / 2), label, "black", font)
+    for i, label in enumerate(SAMPLE_ROWS):
+        cy = top + pad + i * (h + pad) + h / 2
+        draw.text(((left - draw.textlength(label, font)) / 2, cy - text_h / 2), label, "black", font)
+    return np.asarray(canvas).transpose(2, 0, 1)
+
+
 class Logger:
     """Averages the losses over each display interval on the device (one sync per interval), then appends a row
     to losses.csv, updates the progress bar (or prints a line when stderr is not a terminal) and hands the
@@ -208,7 +238,7 @@ class Logger:
 
 
 class VisdomPlotter:
-    """Plots the loss history and sample images in visdom from a background thread.
+    """Plots the loss history and the sample grid in visdom from a background thread.
 
     The training thread only hands over a reference to the history; every request has a timeout. A server that
     is down, slow or restarted costs one warning line, and as soon as it answers it is sent the whole history."""
@@ -278,17 +308,23 @@ class VisdomPlotter:
         epochs = epoch_means(rows, self.names + ["lr"])
         for name in self.names + ["lr"]:
             if new:
+                opts = dict(title=name, xlabel="epoch", showlegend=True)
+                if name == "lr":  # plotly centres a constant line in [lr - 1, lr + 1], where its tick reads 0
+                    top = 1.1 * max(r["lr"] for r in rows) or 1.0  # the schedule never raises lr: set once per window
+                    opts["layoutopts"] = {"plotly": {"yaxis": {"range": [0, top], "tickformat": "~g"}}}  # 0.0002
                 self.vis.line(X=np.array([r["epoch"] for r in new]), Y=np.array([r[name] for r in new]), win=name,
-                              env=self.env, name="interval mean", update="append" if self.sent else None,
-                              opts=dict(title=name, xlabel="epoch", showlegend=True))
+                              env=self.env, name="interval mean", update="append" if self.sent else None, opts=opts)
             if len(epochs) > self.sent_epochs and name != "lr":
                 done = epochs[self.sent_epochs:]
                 self.vis.line(X=np.array([e for e, _ in done]), Y=np.array([m[name] for _, m in done]), win=name,
                               env=self.env, name="epoch mean", update="append")
         self.sent, self.sent_epochs = len(rows), len(epochs)
-        for name, img in (images or {}).items():  # img: (3, H, W); small crops get a readable window
-            self.vis.image(img, win=name, env=self.env, opts=dict(title=name, caption=name, width=max(img.shape[2], 200),
-                                                                  height=max(img.shape[1], 200) + 40))
+        if images and rows:
+            grid = sample_grid(images)  # built here, not in the training thread
+            self.vis.image(grid, win="samples", env=self.env, opts=dict(
+                title=f"samples at step {rows[-1]['step']} (epoch {rows[-1]['epoch']:.2f})",
+                caption="row A: real_A, fake_B = G_A2B(real_A), rec_A = G_B2A(fake_B); row B: the same from B",
+                width=grid.shape[2] + 20, height=grid.shape[1] + 60))
 
 
 def epoch_means(rows, names):

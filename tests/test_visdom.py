@@ -1,5 +1,7 @@
 """Live monitoring against a real visdom server (started without its CDN download step) and the real client."""
+import base64
 import csv
+import io
 import json
 import signal
 import socket
@@ -7,14 +9,17 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import requests
+from PIL import Image
 from visdom import Visdom
 
 from conftest import QUICK, ROOT, make_dataset, run_script
+from utils import sample_grid
 
 LOSS_WINDOWS = ["loss_G", "loss_G_identity", "loss_G_GAN", "loss_G_cycle", "loss_D", "loss_D_A", "loss_D_B", "lr"]
-IMAGE_WINDOWS = ["real_A", "fake_B", "rec_A", "real_B", "fake_A", "rec_B"]
+SAMPLE_NAMES = ["real_A", "fake_B", "rec_A", "real_B", "fake_A", "rec_B"]  # the grid's order, row by row
 
 
 def free_port():
@@ -56,10 +61,14 @@ def train_cmd(data, out, port, *extra):
             "--display_server", "http://127.0.0.1", "--display_port", str(port), "--display_env", "t", *extra]
 
 
+def window(port, win, env="t"):
+    """A window's state as the server holds it."""
+    return json.loads(Visdom("http://127.0.0.1", port=port, env=env, use_incoming_socket=False).get_window_data(win, env))
+
+
 def traces(port, win, env="t"):
     """{trace name: number of points} of a line window, read back from the server."""
-    data = json.loads(Visdom("http://127.0.0.1", port=port, env=env, use_incoming_socket=False).get_window_data(win, env))
-    return {t["name"]: len(t["x"]) for t in data["content"]["data"]}
+    return {t["name"]: len(t["x"]) for t in window(port, win, env)["content"]["data"]}
 
 
 def csv_rows(out):
@@ -90,9 +99,31 @@ def test_losses_and_images_are_plotted(tmp_path, server):
     for win in LOSS_WINDOWS:
         assert traces(port, win)["interval mean"] == 4
     assert traces(port, "loss_G")["epoch mean"] == 2
+    lr_axis = window(port, "lr")["content"]["layout"]["yaxis"]  # a constant lr must not sit at a tick labelled 0
+    top = max(float(row["lr"]) for row in rows)
+    assert lr_axis["range"][0] == 0 and top < lr_axis["range"][1] < 1.2 * top and lr_axis["tickformat"] == "~g"
     vis = Visdom("http://127.0.0.1", port=port, env="t", use_incoming_socket=False)
-    for win in IMAGE_WINDOWS:
-        assert vis.win_exists(win, env="t"), win
+    assert not any(vis.win_exists(name, env="t") for name in SAMPLE_NAMES)  # one grid, not six windows
+    samples = window(port, "samples")
+    assert samples["type"] == "image" and "step 6 " in samples["title"]
+    png = Image.open(io.BytesIO(base64.b64decode(samples["content"]["src"].split(",", 1)[1])))
+    blank = {name: np.zeros((3, 32, 32), np.uint8) for name in SAMPLE_NAMES}
+    assert png.mode == "RGB" and png.size[::-1] == sample_grid(blank).shape[1:]
+
+
+def test_the_sample_grid_has_a_row_per_domain_and_labels():
+    colours = {name: np.full((3, 24, 24), 40 * i + 20, np.uint8) for i, name in enumerate(SAMPLE_NAMES)}
+    colours["fake_B"][0] = 255  # a 3-channel image stays 3-channel
+    grid = sample_grid(colours)  # (3, H, W)
+    _, H, W = grid.shape
+    cell, pad = 144, 4  # 24 px crops are enlarged 6x so that "reconstructed" fits above one
+    left, top = W - 3 * cell - 4 * pad, H - 2 * cell - 3 * pad
+    for k, name in enumerate(SAMPLE_NAMES):
+        i, j = divmod(k, 3)
+        y, x = top + pad + i * (cell + pad), left + pad + j * (cell + pad)
+        assert (grid[:, y:y + cell, x:x + cell] == colours[name][:, :1, :1]).all(), name
+    assert (grid[:, :top, left:] < 128).any() and (grid[:, top:, :left] < 128).any()  # header and row labels drawn
+    assert (grid[:, :top, :left] == 255).all()
 
 
 def test_the_page_opens(server):
