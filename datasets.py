@@ -194,7 +194,10 @@ class ImageDataset(Dataset):
 
 
 class EpochSampler(Sampler):
-    """Yields (epoch, i) keys in an order fixed by (seed, epoch), from sample `start` on; sharded by rank."""
+    """Yields (epoch, i) keys in an order fixed by (seed, epoch): this rank's share of the epoch from sample `start` on.
+
+    `start` counts the samples all ranks took, so a run can resume on another number of processes. The rest of the
+    epoch is padded by wrapping round to a multiple of world_size: every rank takes the same number of steps."""
 
     def __init__(self, n, seed, rank=0, world_size=1):
         self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
@@ -204,13 +207,14 @@ class EpochSampler(Sampler):
         self.epoch, self.start = epoch, start
 
     def _order(self):
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)[self.rank::self.world_size]
+        rest = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)[self.start:]
+        return np.resize(rest, len(self) * self.world_size)[self.rank::self.world_size]
 
     def __iter__(self):
-        return iter([(self.epoch, int(i)) for i in self._order()[self.start:]])
+        return iter([(self.epoch, int(i)) for i in self._order()])
 
     def __len__(self):
-        return max(0, len(range(self.rank, self.n, self.world_size)) - self.start)
+        return -(-max(0, self.n - self.start) // self.world_size)  # ceil
 
 
 class ImageFolder(Dataset):

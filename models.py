@@ -67,6 +67,29 @@ class Discriminator(nn.Module):
         return self.model(x)  # (B, 1, 30, 30) for 256 px
 
 
+class SlicedReflectionPad2d(nn.Module):
+    """nn.ReflectionPad2d built from slices, flips and cat: the same numbers, and a backward pass that CUDA computes
+    deterministically (the built-in one accumulates with atomics, which --deterministic refuses)."""
+
+    def __init__(self, padding):
+        super().__init__()
+        self.p = padding
+
+    def forward(self, x):
+        p = self.p
+        x = torch.cat([x[..., 1:p + 1].flip(-1), x, x[..., -p - 1:-1].flip(-1)], -1)
+        return torch.cat([x[..., 1:p + 1, :].flip(-2), x, x[..., -p - 1:-1, :].flip(-2)], -2)
+
+
+def use_sliced_padding(net):
+    """Swap every ReflectionPad2d of net for SlicedReflectionPad2d, in place (no parameters, so keys stay)."""
+    for module in net.modules():
+        for name, child in module.named_children():
+            if isinstance(child, nn.ReflectionPad2d):
+                setattr(module, name, SlicedReflectionPad2d(child.padding[0]))
+    return net
+
+
 def weights_init_normal(m):
     """N(0, 0.02) for convolutions, as the paper; the paper's InstanceNorm has no affine weights to initialise."""
     if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):

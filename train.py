@@ -2,29 +2,42 @@
 
     python train.py --dataroot datasets/summer2winter_yosemite --cuda
     python train.py --resume                  # continue output/checkpoint.pth exactly where it stopped
+    torchrun --nproc_per_node=4 train.py --dataroot datasets/summer2winter_yosemite --cuda   # 4 GPUs, DDP
 """
 import argparse
 import contextlib
+import functools
 import math
+import multiprocessing
 import os
 import signal
+import socket
 import sys
+import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from datasets import EpochSampler, ImageDataset, new_bad_files, skipped_summary
-from models import Discriminator, Generator, weights_init_normal
-from utils import (Logger, ReplayBuffer, VisdomPlotter, atomic_save, linear_decay, rng_state, seed_everything,
-                   set_requires_grad, set_rng_state, unwrap)
+from models import Discriminator, Generator, use_sliced_padding, weights_init_normal
+from utils import (Logger, ReplayBuffer, VisdomPlotter, atomic_save, linear_decay, loader_workers, rng_state,
+                   seed_everything, set_requires_grad, set_rng_state, unwrap)
+
+try:
+    import fcntl  # one run per output folder (POSIX; elsewhere not enforced)
+except ImportError:
+    fcntl = None
 
 LOSS_NAMES = ["loss_G", "loss_G_identity", "loss_G_GAN", "loss_G_cycle", "loss_D", "loss_D_A", "loss_D_B"]
 # On --resume: flags left at their default take the run's saved value, except where to run (MACHINE_FLAGS);
 # RUN_FLAGS may be given a new value; any other flag given with a new value is refused.
-MACHINE_FLAGS = {"cuda", "n_cpu", "output_dir", "resume"}
-RUN_FLAGS = {"epoch", "n_epochs", "decay_epoch", "dataroot", "save_freq",
+MACHINE_FLAGS = {"cuda", "n_cpu", "output_dir", "resume", "eager"}
+RUN_FLAGS = {"epoch", "n_epochs", "decay_epoch", "dataroot", "save_freq", "deterministic",
              "display_server", "display_port", "display_env", "display_freq", "no_visdom"}
 ARCH_FLAGS = {"input_nc", "output_nc"}
 
@@ -37,7 +50,7 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epoch", type=int, default=0, help="starting epoch (see README: resuming)")
     p.add_argument("--n_epochs", type=int, default=200, help="number of epochs of training")
-    p.add_argument("--batchSize", type=int, default=1, help="size of the batches")
+    p.add_argument("--batchSize", type=int, default=1, help="size of the batches (per process under torchrun)")
     p.add_argument("--dataroot", type=str, default="datasets/summer2winter_yosemite/", help="root directory of the dataset")
     p.add_argument("--lr", type=float, default=0.0002, help="initial learning rate")
     p.add_argument("--decay_epoch", type=int, default=100, help="epoch to start linearly decaying the learning rate to 0")
@@ -49,9 +62,13 @@ def get_parser():
     p.add_argument("--output_dir", type=str, default="output", help="where checkpoints and losses.csv go")
     p.add_argument("--lambda_cycle", type=float, default=10.0, help="weight of the cycle loss, per direction")
     p.add_argument("--lambda_identity", type=float, default=0.5, help="identity loss weight, as a fraction of lambda_cycle")
-    p.add_argument("--pool_size", type=int, default=50, help="fakes kept in each discriminator's replay buffer")
+    p.add_argument("--pool_size", type=int, default=50, help="fakes kept in each discriminator's replay buffer (0: none)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed and saved)")
-    p.add_argument("--amp", action="store_true", help="mixed precision (float16 on GPU, bfloat16 on CPU)")
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision: bfloat16 where the device has it, float16 with loss scaling on older GPUs")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic GPU kernels: a --seed run, and its resumption, repeat bit for bit (slower)")
+    p.add_argument("--eager", action="store_true", help="on CUDA, run the step op by op instead of as one CUDA graph")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
                    help="continue from OUTPUT_DIR/checkpoint.pth, or from PATH")
     p.add_argument("--save_freq", type=int, default=1000, help="also checkpoint every this many steps (0: epoch ends only)")
@@ -73,8 +90,8 @@ def check_args(args):
                         "pass --lambda_identity 0")
     if args.cuda and not torch.cuda.is_available():
         raise UserError("--cuda was given but PyTorch sees no CUDA GPU; drop --cuda to train on the CPU")
-    if args.batchSize < 1 or args.display_freq < 1 or args.save_freq < 0:
-        raise UserError("--batchSize and --display_freq must be positive, --save_freq at least 0")
+    if args.batchSize < 1 or args.display_freq < 1 or args.save_freq < 0 or args.pool_size < 0:
+        raise UserError("--batchSize and --display_freq must be positive, --save_freq and --pool_size at least 0")
 
 
 def load_checkpoint(args):
@@ -107,59 +124,234 @@ def load_checkpoint(args):
     return ckpt
 
 
+# ---- The objective: each update's whole loss is one module's forward, so DDP sees one forward per backward ----
+
+class GeneratorLoss(nn.Module):
+    """Both generators' loss for a batch. The discriminators are inputs, frozen by the caller, not parameters."""
+
+    def __init__(self, G_A2B, G_B2A, lambda_cycle, lambda_identity):
+        super().__init__()
+        self.G_A2B, self.G_B2A = G_A2B, G_B2A
+        self.lambda_cycle, self.lambda_identity = lambda_cycle, lambda_identity
+
+    def forward(self, real_A, real_B, D_A, D_B):
+        identity = self.lambda_identity > 0
+        fake_B, idt_B = generate(self.G_A2B, real_A, real_B, identity)
+        fake_A, idt_A = generate(self.G_B2A, real_B, real_A, identity)
+        rec_A, rec_B = self.G_B2A(fake_B), self.G_A2B(fake_A)
+        loss_G_GAN = lsgan(D_B(fake_B), 1.0) + lsgan(D_A(fake_A), 1.0)
+        loss_G_cycle = self.lambda_cycle * (F.l1_loss(rec_A, real_A) + F.l1_loss(rec_B, real_B))
+        loss_G_identity = (self.lambda_cycle * self.lambda_identity * (F.l1_loss(idt_A, real_A) + F.l1_loss(idt_B, real_B))
+                           if identity else real_A.new_zeros((), dtype=torch.float32))
+        loss_G = loss_G_GAN + loss_G_cycle + loss_G_identity
+        return (loss_G, loss_G_identity, loss_G_GAN, loss_G_cycle), (fake_A, fake_B, rec_A, rec_B)
+
+
+class DiscriminatorLoss(nn.Module):
+    """LSGAN loss of each discriminator: real -> 1, fake -> 0, halved as in the paper to slow D down."""
+
+    def __init__(self, D_A, D_B):
+        super().__init__()
+        self.D_A, self.D_B = D_A, D_B
+
+    def forward(self, real_A, real_B, fake_A, fake_B):
+        loss_D_A = 0.5 * (lsgan(self.D_A(real_A), 1.0) + lsgan(self.D_A(fake_A), 0.0))
+        loss_D_B = 0.5 * (lsgan(self.D_B(real_B), 1.0) + lsgan(self.D_B(fake_B), 0.0))
+        return loss_D_A, loss_D_B
+
+
+def train_step(g_loss, d_loss, discriminators, optimizer_G, optimizer_D, scaler, autocast, buffers,
+               real_A, real_B, choices_A, choices_B):
+    """One CycleGAN update: both generators, then both discriminators. Returns the losses as one (7,) tensor in
+    LOSS_NAMES order, and (fake_A, fake_B, rec_A, rec_B). No host sync inside: CUDA can replay it as one graph.
+
+    choices_*: the replay buffers' draws for this batch (ReplayBuffer.draw), made before the step."""
+    D_A, D_B = discriminators
+    fake_A_buffer, fake_B_buffer = buffers
+
+    # ---- Generators: minimise GAN + lambda_cycle * cycle + lambda_cycle * lambda_identity * identity, D frozen ----
+    set_requires_grad(discriminators, False)
+    optimizer_G.zero_grad(set_to_none=True)
+    with autocast:
+        (loss_G, loss_G_identity, loss_G_GAN, loss_G_cycle), (fake_A, fake_B, rec_A, rec_B) = g_loss(real_A, real_B, D_A, D_B)
+    scaler.scale(loss_G).backward()
+    scaler.step(optimizer_G)
+
+    # ---- Discriminators: minimise 0.5 * [(D(real) - 1)^2 + D(fake)^2], the fakes through the replay buffers ----
+    set_requires_grad(discriminators, True)
+    optimizer_D.zero_grad(set_to_none=True)
+    with autocast:
+        loss_D_A, loss_D_B = d_loss(real_A, real_B, fake_A_buffer.push_and_pop(fake_A, choices_A),
+                                    fake_B_buffer.push_and_pop(fake_B, choices_B))
+        loss_D = loss_D_A + loss_D_B
+    scaler.scale(loss_D).backward()
+    scaler.step(optimizer_D)
+    scaler.update()
+
+    losses = [loss_G, loss_G_identity, loss_G_GAN, loss_G_cycle, loss_D, loss_D_A, loss_D_B]
+    return torch.stack([x.detach().float() for x in losses]), (fake_A, fake_B, rec_A, rec_B)
+
+
+def generate(G, x, y, identity):
+    """G(x), and G(y) for the identity loss, from one batched pass: InstanceNorm keeps the samples independent."""
+    if not identity:
+        return G(x), None
+    return G(torch.cat([x, y])).chunk(2)
+
+
+def lsgan(pred, target):
+    """Least-squares GAN loss on every patch of the (B, 1, H/8 - 2, W/8 - 2) map, towards a constant target."""
+    return F.mse_loss(pred, torch.full_like(pred, target))
+
+
+class CudaGraphStep:
+    """`step` replayed as one CUDA graph on static input buffers: no Python or kernel-launch overhead per step.
+
+    The first `warmup` calls run eagerly on a side stream (cuDNN picks its kernels; optimizers and replay buffers
+    allocate their state), the next one captures the graph and replays it. Every call is a real training step."""
+
+    def __init__(self, step, warmup=3):
+        self.step, self.warmup, self.graph = step, warmup, None
+
+    def __call__(self, *inputs):
+        if self.warmup > 0:
+            self.warmup -= 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.step(*inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if self.graph is None:
+            self.inputs = [x.clone() for x in inputs]
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: the loader's pin-memory thread may allocate while we capture
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.outputs = self.step(*self.inputs)
+        for static, x in zip(self.inputs, inputs):
+            static.copy_(x, non_blocking=True)
+        self.graph.replay()
+        return self.outputs
+
+
+def amp_dtype(device):
+    """The autocast type of --amp: bfloat16 where the device computes it natively, float16 (with loss scaling) on
+    GPUs without bfloat16, None on CPUs without bfloat16 units (there it is many times slower than float32)."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+
+
+def load_optimizer(optimizer, state):
+    """Load a saved Adam state under this run's settings (fused, capturable, lr type), whichever device saved it."""
+    ours = optimizer.param_groups
+    groups = [{**saved, **{k: g[k] for k in ("fused", "capturable", "foreach", "lr")}}
+              for saved, g in zip(state["param_groups"], ours)]
+    optimizer.load_state_dict({**state, "param_groups": groups})
+    for p, s in optimizer.state.items():  # moments in the parameter's memory format (channels_last on CUDA)
+        s.update({k: torch.empty_like(p).copy_(v) for k, v in s.items() if torch.is_tensor(v) and v.shape == p.shape})
+
+
+def cpu_state(net):
+    """A plain fp32 state_dict on the CPU in the default memory format: the seed's format, loadable anywhere."""
+    return {k: v.detach().to("cpu", memory_format=torch.contiguous_format) for k, v in unwrap(net).state_dict().items()}
+
+
 def main(args):
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    ddp, is_main = world_size > 1, rank == 0  # launched by torchrun with several processes?
+    out = Path(args.output_dir)
+    lock = lock_output_dir(out) if is_main and out.is_dir() else None  # held (open) until the process ends
     ckpt = load_checkpoint(args)
     check_args(args)  # after the merge: a resumed run's flags with what was given anew
-    out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if args.cuda else "cpu")
+    lock = lock or (lock_output_dir(out) if is_main else None)
+    log = print if is_main else (lambda *a, **k: None)
+
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read at cuBLAS's first call
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = not args.deterministic, args.deterministic
+    device, control = torch.device("cuda" if args.cuda else "cpu"), None
+    if ddp:
+        if args.cuda:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if args.cuda else "gloo")
+        control = dist.new_group(backend="gloo")  # stop requests and checkpoint gathering, on the CPU
     if args.seed is None:
-        args.seed = int.from_bytes(os.urandom(4), "little")
+        seed = [int.from_bytes(os.urandom(4), "little")]
+        if ddp:
+            dist.broadcast_object_list(seed, src=0, group=control)  # one seed for all ranks
+        args.seed = seed[0]
     seed_everything(args.seed)
 
     # ---- Networks, optimizers, schedules ----
-    G_A2B, G_B2A = Generator(args.input_nc, args.output_nc).to(device), Generator(args.output_nc, args.input_nc).to(device)
-    D_A, D_B = Discriminator(args.input_nc).to(device), Discriminator(args.output_nc).to(device)
-    for net in (G_A2B, G_B2A, D_A, D_B):
+    nets = {"G_A2B": Generator(args.input_nc, args.output_nc), "G_B2A": Generator(args.output_nc, args.input_nc),
+            "D_A": Discriminator(args.input_nc), "D_B": Discriminator(args.output_nc)}
+    for name, net in nets.items():
         net.apply(weights_init_normal)
-    optimizer_G = torch.optim.Adam([*G_A2B.parameters(), *G_B2A.parameters()], lr=args.lr, betas=(0.5, 0.999))
-    optimizer_D = torch.optim.Adam([*D_A.parameters(), *D_B.parameters()], lr=args.lr, betas=(0.5, 0.999))
-    fake_A_buffer, fake_B_buffer = ReplayBuffer(args.pool_size, args.seed), ReplayBuffer(args.pool_size, args.seed + 1)
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    autocast = torch.autocast(device.type, amp_dtype) if args.amp else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and amp_dtype == torch.float16)
+        if ckpt is not None:
+            net.load_state_dict(ckpt[name])
+        if args.deterministic:
+            use_sliced_padding(net)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # cuDNN's native layout
+    for net in nets.values():
+        net.to(device, memory_format=memory_format)
+    G_A2B, G_B2A, D_A, D_B = nets.values()
+
+    dtype = amp_dtype(device) if args.amp else None
+    if args.amp and dtype is None:
+        log("--amp: this CPU has no bfloat16 units (bfloat16 would be many times slower), so training runs in float32")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    capture = device.type == "cuda" and not (args.eager or ddp or scaler.is_enabled())
+    # Adam's updates in one fused kernel; for a CUDA graph the step counts live on the GPU and the lr is a tensor
+    # the schedule fills in place, so the graph sees every new value.
+    lr = torch.tensor(args.lr, device=device) if capture else args.lr
+    adam = functools.partial(torch.optim.Adam, lr=lr, betas=(0.5, 0.999), fused=True, capturable=capture)
+    optimizer_G = adam([*G_A2B.parameters(), *G_B2A.parameters()])
+    optimizer_D = adam([*D_A.parameters(), *D_B.parameters()])
+    autocast = torch.autocast(device.type, dtype, cache_enabled=False) if dtype else contextlib.nullcontext()
+    # Each rank keeps its own replay buffers; rank 0's are seeded as in a single-process run.
+    fake_A_buffer = ReplayBuffer(args.pool_size, args.seed + 2 * rank)
+    fake_B_buffer = ReplayBuffer(args.pool_size, args.seed + 2 * rank + 1)
 
     try:
         dataset = ImageDataset(args.dataroot, args.size, args.input_nc, args.output_nc, seed=args.seed)
     except ValueError as e:
         raise UserError(e) from None
     if dataset.skipped:
-        print(skipped_summary(dataset.skipped), file=sys.stderr)
+        log(skipped_summary(dataset.skipped), file=sys.stderr)
     seen_bad = set()  # files that failed to decode, each reported once (workers cannot know what others saw)
-    steps_per_epoch = math.ceil(len(dataset) / args.batchSize)
-    step, start_epoch, seconds = 0, args.epoch, 0.0
+    steps_per_epoch = math.ceil(math.ceil(len(dataset) / world_size) / args.batchSize)
+    step, start_epoch, start_sample, seconds = 0, args.epoch, 0, 0.0
     if ckpt is not None:
-        for net, key in ((G_A2B, "G_A2B"), (G_B2A, "G_B2A"), (D_A, "D_A"), (D_B, "D_B")):
-            net.load_state_dict(ckpt[key])
-        optimizer_G.load_state_dict(ckpt["optimizer_G"])
-        optimizer_D.load_state_dict(ckpt["optimizer_D"])
-        if ckpt["scaler"]:
+        load_optimizer(optimizer_G, ckpt["optimizer_G"])
+        load_optimizer(optimizer_D, ckpt["optimizer_D"])
+        if ckpt["scaler"] and scaler.is_enabled():
             scaler.load_state_dict(ckpt["scaler"])
-        fake_A_buffer.load_state_dict(ckpt["fake_A_buffer"], device)
-        fake_B_buffer.load_state_dict(ckpt["fake_B_buffer"], device)
-        set_rng_state(ckpt["rng"])
+        per_rank = {k: ckpt[k] if isinstance(ckpt[k], list) else [ckpt[k]] for k in ("fake_A_buffer", "fake_B_buffer", "rng")}
+        if rank < len(per_rank["rng"]):
+            fake_A_buffer.load_state_dict(per_rank["fake_A_buffer"][rank], device)
+            fake_B_buffer.load_state_dict(per_rank["fake_B_buffer"][rank], device)
+            set_rng_state(per_rank["rng"][rank])
         step, seconds = ckpt["step"], ckpt["seconds"]
-        start_epoch = step // steps_per_epoch
+        # Where in the data: (epoch, samples of it taken by all ranks); older checkpoints count steps of one process.
+        start_epoch, start_sample = ckpt.get("position", divmod(step, steps_per_epoch))
+        start_sample *= 1 if "position" in ckpt else args.batchSize
         if start_epoch >= args.n_epochs:
-            print(f"all {args.n_epochs} epochs of this run are done ({step} steps); "
-                  f"to train longer, resume with a larger --n_epochs")
+            log(f"all {args.n_epochs} epochs of this run are done ({step} steps); "
+                f"to train longer, resume with a larger --n_epochs")
             return 0
-        print(f"resuming from epoch {start_epoch + 1}, step {step} (seed {args.seed})")
+        if len(per_rank["rng"]) != world_size:
+            log(f"the run had {len(per_rank['rng'])} process(es), this one has {world_size}: ranks beyond the run's "
+                f"start with empty replay buffers, and each epoch now takes {steps_per_epoch} steps")
+        log(f"resuming from epoch {start_epoch + 1}, step {step} (seed {args.seed})")
     elif args.epoch:
-        print(f"--epoch {args.epoch}: a NEW run whose learning-rate schedule starts at epoch {args.epoch}; "
-              f"to continue a run use --resume")
+        log(f"--epoch {args.epoch}: a NEW run whose learning-rate schedule starts at epoch {args.epoch}; "
+            f"to continue a run use --resume")
     else:
-        print(f"new run, seed {args.seed}")
+        log(f"new run, seed {args.seed}" + f", {world_size} processes" * ddp)
     for group in optimizer_G.param_groups + optimizer_D.param_groups:
         group["initial_lr"] = args.lr
     lr_lambda = linear_decay(args.n_epochs, args.decay_epoch)
@@ -169,90 +361,101 @@ def main(args):
         lr_scheduler_G.load_state_dict(ckpt["lr_scheduler_G"])
         lr_scheduler_D.load_state_dict(ckpt["lr_scheduler_D"])
 
-    sampler = EpochSampler(len(dataset), args.seed)
+    # ---- The step: one function; DDP wraps its two losses, CUDA replays it as one graph ----
+    g_loss = GeneratorLoss(G_A2B, G_B2A, args.lambda_cycle, args.lambda_identity)
+    d_loss = DiscriminatorLoss(D_A, D_B)
+    if ddp:  # each wrapped forward computes a whole loss: no network runs twice inside one DDP forward-backward
+        g_loss, d_loss = DDP(g_loss), DDP(d_loss)
+    eager_step = functools.partial(train_step, g_loss, d_loss, (D_A, D_B), optimizer_G, optimizer_D, scaler, autocast,
+                                   (fake_A_buffer, fake_B_buffer))
+    fast_step = CudaGraphStep(eager_step) if capture else eager_step  # a smaller last batch runs eagerly
+    if device.type == "cuda" and not capture:
+        log("the step runs eagerly: " + ("--eager" if args.eager else "DDP" if ddp else "float16 loss scaling"))
+
+    sampler = EpochSampler(len(dataset), args.seed, rank, world_size)
+    workers = loader_workers(args.n_cpu, len(dataset))
     # Workers ignore Ctrl-C / SIGTERM so the main process can finish its step and save; their own
     # generator keeps the loader from drawing on the global torch RNG.
-    loader = DataLoader(dataset, batch_size=args.batchSize, sampler=sampler, num_workers=args.n_cpu,
-                        pin_memory=args.cuda, worker_init_fn=ignore_signals, generator=torch.Generator())
+    loader = DataLoader(dataset, batch_size=args.batchSize, sampler=sampler, num_workers=workers,
+                        pin_memory=args.cuda, worker_init_fn=ignore_signals, generator=torch.Generator(),
+                        persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
     env = args.display_env or f"{Path(args.dataroot.rstrip('/')).name}_{out.resolve().name}"
-    plotter = None if args.no_visdom else VisdomPlotter(args.display_server, args.display_port, env, LOSS_NAMES)
-    logger = Logger(out, LOSS_NAMES, args.batchSize, steps_per_epoch * args.n_epochs, step, seconds, plotter)
+    plotter = None if args.no_visdom or not is_main else VisdomPlotter(args.display_server, args.display_port, env, LOSS_NAMES)
+    average = (lambda x: (dist.all_reduce(x), x / world_size)[1]) if ddp else None  # losses shown: mean over ranks
+    logger = Logger(out if is_main else None, LOSS_NAMES, args.batchSize * world_size, steps_per_epoch * args.n_epochs,
+                    step, seconds, plotter, window=args.display_freq, average=average)
 
-    def save_checkpoint():
-        """Everything the run needs to continue bit for bit, in one atomically written file; False if it failed."""
-        state = {"G_A2B": unwrap(G_A2B).state_dict(), "G_B2A": unwrap(G_B2A).state_dict(),
-                 "D_A": unwrap(D_A).state_dict(), "D_B": unwrap(D_B).state_dict(),
-                 "optimizer_G": optimizer_G.state_dict(), "optimizer_D": optimizer_D.state_dict(),
-                 "lr_scheduler_G": lr_scheduler_G.state_dict(), "lr_scheduler_D": lr_scheduler_D.state_dict(),
-                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                 "fake_A_buffer": fake_A_buffer.state_dict(), "fake_B_buffer": fake_B_buffer.state_dict(),
-                 "rng": rng_state(), "step": step, "epoch": step / steps_per_epoch,
-                 "seconds": logger.seconds(), "args": vars(args)}
-        return try_save(state, out / "checkpoint.pth")
+    def save_checkpoint(position):
+        """Everything the run needs to continue bit for bit, in one atomically written file by rank 0 (every rank's
+        replay buffers and random states gathered to it); False if the write failed."""
+        mine = {"fake_A_buffer": fake_A_buffer.state_dict(), "fake_B_buffer": fake_B_buffer.state_dict(),
+                "rng": rng_state(device.type == "cuda")}
+        ranks = [mine]
+        if ddp:
+            ranks = [None] * world_size if is_main else None
+            dist.gather_object(mine, ranks, dst=0, group=control)
+        ok = True
+        if is_main:
+            state = {**{name: cpu_state(net) for name, net in nets.items()},
+                     "optimizer_G": optimizer_G.state_dict(), "optimizer_D": optimizer_D.state_dict(),
+                     "lr_scheduler_G": lr_scheduler_G.state_dict(), "lr_scheduler_D": lr_scheduler_D.state_dict(),
+                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                     **{k: [r[k] for r in ranks] for k in mine},
+                     "step": step, "position": list(position), "epoch": position[0] + position[1] / len(dataset),
+                     "world_size": world_size, "seconds": logger.seconds(), "args": vars(args)}
+            ok = try_save(state, out / "checkpoint.pth")
+        if ddp:
+            dist.barrier(group=control)  # the others wait for the save
+        return ok
 
     saved, stop = True, []  # SIGINT/SIGTERM: finish the step, save, exit; a second Ctrl-C exits at once
 
     def request_stop(signum, frame):
-        if stop:
+        name = signal.Signals(signum).name
+        if stop and name == "SIGINT" == stop[0]:  # not SIGTERM: torchrun sends one on Ctrl-C after the SIGINT
             print("quitting without saving", file=sys.stderr)
             raise SystemExit(130)
-        stop.append(signal.Signals(signum).name)
-        print(f"\n{stop[0]}: stopping after this step (Ctrl-C again to quit without saving)", file=sys.stderr)
+        if not stop:
+            stop.append(name)
+            print(f"\n{name}: stopping after this step (Ctrl-C again to quit without saving)", file=sys.stderr)
+
+    def agreed(flag):
+        """flag, or under DDP whether any rank raised it: every rank stops after the same step."""
+        if not ddp:
+            return flag
+        t = torch.tensor([int(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=control)
+        return bool(t.item())
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
 
+    stopped = False
     for epoch in range(start_epoch, args.n_epochs):
-        done = step - epoch * steps_per_epoch  # steps of this epoch already taken (resuming mid-epoch)
-        sampler.set_epoch(epoch, done * args.batchSize)
-        logger.begin_epoch(epoch, args.n_epochs, done, steps_per_epoch)
-        for batch in loader:
+        sampler.set_epoch(epoch, start_sample)
+        n_steps = len(loader)  # this epoch's steps from here on, the same on every rank
+        logger.begin_epoch(epoch, args.n_epochs, steps_per_epoch - n_steps, steps_per_epoch)
+        for i, batch in enumerate(loader, 1):
             for line in new_bad_files(batch["bad"], seen_bad):
                 print(f"{line}; replaced by another image", file=sys.stderr)
-            real_A, real_B = batch["A"].to(device, non_blocking=True), batch["B"].to(device, non_blocking=True)
-
-            # ---- Generators: minimise adversarial + lambda_cycle * cycle + lambda_cycle * lambda_identity * identity ----
-            set_requires_grad([D_A, D_B], False)  # no D gradients needed in the G step
-            optimizer_G.zero_grad(set_to_none=True)
-            with autocast:
-                fake_B, idt_B = generate(G_A2B, real_A, real_B, args.lambda_identity > 0)
-                fake_A, idt_A = generate(G_B2A, real_B, real_A, args.lambda_identity > 0)
-                rec_A, rec_B = G_B2A(fake_B), G_A2B(fake_A)
-                pred_fake_B, pred_fake_A = D_B(fake_B), D_A(fake_A)
-                loss_GAN_A2B = F.mse_loss(pred_fake_B, torch.ones_like(pred_fake_B))  # LSGAN, per patch
-                loss_GAN_B2A = F.mse_loss(pred_fake_A, torch.ones_like(pred_fake_A))
-                loss_cycle_ABA = F.l1_loss(rec_A, real_A)
-                loss_cycle_BAB = F.l1_loss(rec_B, real_B)
-                loss_identity_A = F.l1_loss(idt_A, real_A) if idt_A is not None else real_A.new_zeros(())
-                loss_identity_B = F.l1_loss(idt_B, real_B) if idt_B is not None else real_B.new_zeros(())
-                loss_G_GAN = loss_GAN_A2B + loss_GAN_B2A
-                loss_G_cycle = args.lambda_cycle * (loss_cycle_ABA + loss_cycle_BAB)
-                loss_G_identity = args.lambda_cycle * args.lambda_identity * (loss_identity_A + loss_identity_B)
-                loss_G = loss_G_GAN + loss_G_cycle + loss_G_identity
-            scaler.scale(loss_G).backward()
-            scaler.step(optimizer_G)
-
-            # ---- Discriminators: minimise 0.5 * [(D(real) - 1)^2 + D(fake)^2], fakes from the replay buffers ----
-            set_requires_grad([D_A, D_B], True)
-            optimizer_D.zero_grad(set_to_none=True)
-            with autocast:
-                loss_D_A = discriminator_loss(D_A, real_A, fake_A_buffer.push_and_pop(fake_A))
-                loss_D_B = discriminator_loss(D_B, real_B, fake_B_buffer.push_and_pop(fake_B))
-                loss_D = loss_D_A + loss_D_B
-            scaler.scale(loss_D).backward()
-            scaler.step(optimizer_D)
-            scaler.update()
-
+            real_A, real_B = (batch[k].to(device, memory_format=memory_format, non_blocking=True) for k in "AB")
+            choices_A, choices_B = (buf.draw(len(real_A)).to(device, non_blocking=True)
+                                    for buf in (fake_A_buffer, fake_B_buffer))
+            run = fast_step if len(real_A) == args.batchSize else eager_step
+            losses, (fake_A, fake_B, rec_A, rec_B) = run(real_A, real_B, choices_A, choices_B)
             step += 1
-            logger.step({"loss_G": loss_G, "loss_G_identity": loss_G_identity, "loss_G_GAN": loss_G_GAN,
-                         "loss_G_cycle": loss_G_cycle, "loss_D": loss_D, "loss_D_A": loss_D_A, "loss_D_B": loss_D_B})
-            epoch_end = step % steps_per_epoch == 0
-            save_now = epoch_end or stop or (args.save_freq and step % args.save_freq == 0)
+            logger.step(losses)
+
+            epoch_end = i == n_steps
+            position = (epoch + 1, 0) if epoch_end else (epoch, start_sample + i * args.batchSize * world_size)
+            stopped = agreed(bool(stop))
+            save_now = epoch_end or stopped or (args.save_freq and step % args.save_freq == 0)
             if step % args.display_freq == 0 or save_now:
                 images = {"real_A": real_A[0], "fake_B": fake_B[0], "rec_A": rec_A[0],
                           "real_B": real_B[0], "fake_A": fake_A[0], "rec_B": rec_B[0]}
                 try:  # checks every loss is finite, before anything is saved
-                    logger.flush(step, step / steps_per_epoch, optimizer_G.param_groups[0]["lr"], images)
+                    logger.flush(step, position[0] + position[1] / len(dataset),
+                                 float(optimizer_G.param_groups[0]["lr"]), images)
                 except FloatingPointError as e:
                     logger.close()
                     raise UserError(f"{e}; stopped without saving: {out / 'checkpoint.pth'} holds the last good state "
@@ -261,22 +464,25 @@ def main(args):
                 lr_scheduler_G.step()
                 lr_scheduler_D.step()
             if save_now:
-                saved = save_checkpoint()
-            if stop:
+                saved = save_checkpoint(position)
+            if stopped:
                 break
         logger.end_epoch()
-        if stop:
+        start_sample = 0
+        if stopped:
             break
-        # The seed's four files, loadable by its code and by test.py.
-        for net, name in ((G_A2B, "netG_A2B"), (G_B2A, "netG_B2A"), (D_A, "netD_A"), (D_B, "netD_B")):
-            try_save(unwrap(net).state_dict(), out / f"{name}.pth")
+        if is_main:  # the seed's four files, loadable by its code and by test.py
+            for name, net in nets.items():
+                try_save(cpu_state(net), out / f"net{name}.pth")
     logger.close()
     if not saved:
         raise UserError(f"the last checkpoint could not be written; free space in {out} and run: {resume_command(args)}")
-    if stop:
-        print(f"stopped at step {step}; continue with:\n  {resume_command(args)}")
+    if stopped:
+        log(f"stopped at step {step}; continue with:\n  {resume_command(args)}")
     else:
-        print(f"done: {args.n_epochs} epochs, {step} steps; generators in {out}/netG_A2B.pth and netG_B2A.pth")
+        log(f"done: {args.n_epochs} epochs, {step} steps; generators in {out}/netG_A2B.pth and netG_B2A.pth")
+    if ddp:
+        dist.destroy_process_group()
     return 0
 
 
@@ -290,30 +496,53 @@ def try_save(obj, path):
         return False
 
 
+def lock_output_dir(out):
+    """Hold an exclusive lock on OUTPUT_DIR/.lock while this process lives (the kernel drops it when the process
+    dies, however it dies); UserError naming the holder if another run has it."""
+    if fcntl is None:
+        return None
+    f = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"{out} is in use by a running train.py ({holder}): wait for it, stop it, "
+                        f"or pick another --output_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
+
+
 def ignore_signals(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def generate(G, x, y, identity):
-    """G(x), and G(y) for the identity loss, from one batched pass: InstanceNorm keeps the samples independent."""
-    if not identity:
-        return G(x), None
-    return G(torch.cat([x, y])).chunk(2)
-
-
-def discriminator_loss(D, real, fake):
-    """LSGAN loss of D on every patch: real -> 1, fake -> 0, halved as in the paper to slow D down."""
-    pred_real, pred_fake = D(real), D(fake.detach())
-    return 0.5 * (F.mse_loss(pred_real, torch.ones_like(pred_real)) + F.mse_loss(pred_fake, torch.zeros_like(pred_fake)))
+def stop_children():
+    """Kill the loader's worker processes: they ignore SIGTERM (see ignore_signals), so the exit handler of
+    multiprocessing, which terminates and then joins them, would wait forever after an error."""
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(5)
 
 
 def resume_command(args):
-    return f"python train.py --resume --output_dir {args.output_dir}" + " --cuda" * args.cuda
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    launcher = f"torchrun --nproc_per_node={world_size} train.py" if world_size > 1 else "python train.py"
+    return f"{launcher} --resume --output_dir {args.output_dir}" + " --cuda" * args.cuda
 
 
 if __name__ == "__main__":
     try:
-        sys.exit(main(get_parser().parse_args()))
+        code = main(get_parser().parse_args())
     except UserError as e:
-        sys.exit(f"error: {e}")
+        code = f"error: {e}"
+    except torch.cuda.OutOfMemoryError:
+        code = "error: out of GPU memory: use a smaller --batchSize or --size (or --amp)"
+    finally:
+        stop_children()
+    sys.exit(code)

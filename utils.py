@@ -20,31 +20,52 @@ from tqdm import tqdm
 
 
 class ReplayBuffer:
-    """The last max_size fakes (Shrivastava et al. 2017): half the time D sees an older fake instead of the new one."""
+    """The last max_size fakes (Shrivastava et al. 2017): half the time D sees an older fake instead of the new one.
+
+    The fakes live in one preallocated float32 tensor on their device, and the random choices are drawn on the CPU
+    before the step (`draw`), so the step itself is fixed tensor work that a CUDA graph can replay."""
+
+    KEEP, STORE, SWAP = 0, 1, 2  # D sees the new fake | the new fake is stored and seen | D sees an old one, replaced
 
     def __init__(self, max_size=50, seed=0):
-        self.max_size, self.data = max_size, []
+        self.max_size, self.n, self.data = max_size, 0, None  # n: slots filled so far
         self.generator = torch.Generator().manual_seed(seed)  # own stream, saved in checkpoints
 
-    def push_and_pop(self, batch):
-        out = []
-        for x in batch.detach().unsqueeze(1):  # (B, 1, C, H, W)
-            if len(self.data) < self.max_size:
-                self.data.append(x.clone())  # a copy: a view would keep the whole batch alive
-                out.append(x)
-            elif torch.rand(1, generator=self.generator).item() > 0.5:
-                i = torch.randint(self.max_size, (1,), generator=self.generator).item()
-                out.append(self.data[i])
-                self.data[i] = x.clone()
+    def draw(self, batch_size):
+        """This batch's choices, (batch_size, 2) int64 rows of (slot, action), consuming the random stream."""
+        rows = []
+        for _ in range(batch_size):
+            if self.n < self.max_size:
+                rows.append((self.n, self.STORE))
+                self.n += 1
+            elif self.max_size and torch.rand(1, generator=self.generator).item() > 0.5:
+                rows.append((torch.randint(self.max_size, (1,), generator=self.generator).item(), self.SWAP))
             else:
-                out.append(x)
-        return torch.cat(out)
+                rows.append((0, self.KEEP))
+        return torch.tensor(rows, dtype=torch.int64).reshape(batch_size, 2)
+
+    def push_and_pop(self, fakes, choices):
+        """What D sees for fakes (B, C, H, W), given draw()'s choices (on the fakes' device); stores fakes as chosen."""
+        if self.max_size == 0:
+            return fakes.detach()
+        if self.data is None:
+            self.data = fakes.new_zeros((self.max_size, *fakes.shape[1:]), dtype=torch.float32)
+        seen = []
+        for k in range(len(fakes)):  # in order: two fakes of a batch may pick the same slot
+            slot, action = choices[k, :1], choices[k, 1]
+            old, new = self.data.index_select(0, slot), fakes[k:k + 1].detach().float()  # (1, C, H, W) each
+            seen.append(torch.where(action == self.SWAP, old, new))
+            self.data.index_copy_(0, slot, torch.where(action == self.KEEP, old, new))
+        return torch.cat(seen)
 
     def state_dict(self):
-        return {"data": [x.cpu() for x in self.data], "generator": self.generator.get_state()}
+        return {"data": [self.data[i:i + 1].cpu() for i in range(self.n)], "generator": self.generator.get_state()}
 
     def load_state_dict(self, state, device):
-        self.data = [x.to(device) for x in state["data"]]
+        self.n, self.data = len(state["data"]), None
+        if state["data"]:
+            self.data = torch.zeros((self.max_size, *state["data"][0].shape[1:]), device=device)
+            self.data[:self.n] = torch.cat(state["data"]).to(device)
         self.generator.set_state(state["generator"])
 
 
@@ -65,13 +86,14 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
-def rng_state():
-    """Every global random generator's state, as types torch.load(weights_only=True) accepts."""
+def rng_state(cuda=False):
+    """Every global random generator's state (cuda: this process's GPU's too), as types torch.load(weights_only=True)
+    accepts."""
     np_state = np.random.get_state()
     return {"python": random.getstate(),
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": torch.cuda.get_rng_state() if cuda else None}
 
 
 def set_rng_state(state):
@@ -79,8 +101,9 @@ def set_rng_state(state):
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if torch.cuda.is_available() and torch.is_tensor(cuda):
+        torch.cuda.set_rng_state(cuda)
 
 
 def seed_everything(seed):
@@ -157,18 +180,23 @@ def sample_grid(images, min_cell=128, pad=4):
 
 
 class Logger:
-    """Averages the losses over each display interval on the device (one sync per interval), then appends a row
-    to losses.csv, updates the progress bar (or prints a line when stderr is not a terminal) and hands the
-    history to the visdom plotter. A non-finite loss raises FloatingPointError naming the loss and the step."""
+    """Keeps each step's losses on the device and, once per display interval, averages them (one sync), appends a
+    row to losses.csv, updates the progress bar (or prints a line when stderr is not a terminal) and hands the
+    history to the visdom plotter. A non-finite loss raises FloatingPointError naming the loss and the step.
 
-    def __init__(self, output_dir, names, batch_size, total_steps, step=0, seconds=0.0, plotter=None):
-        self.path = Path(output_dir) / "losses.csv"
+    output_dir None: a quiet logger (DDP ranks other than 0) that still averages and checks. average: a function
+    that averages a (steps, losses) tensor over processes (DDP), applied before anything else."""
+
+    def __init__(self, output_dir, names, batch_size, total_steps, step=0, seconds=0.0, plotter=None,
+                 window=100, average=None):
+        self.path = output_dir and Path(output_dir) / "losses.csv"
         self.names, self.batch_size, self.total_steps, self.plotter = names, batch_size, total_steps, plotter
         self.columns = ["step", "epoch", *names, "lr", "seconds"]
-        self.rows = self._read_history(step)
-        self.pending, self.last_step = [], step
+        self.rows = self._read_history(step) if self.path else []
+        self.window, self.pending, self.last_step, self.average = window, None, step, average
+        self.k = 0  # steps logged in the current interval
         self.t_start, self.t_last = time.time() - seconds, time.time()
-        self.tty = sys.stderr.isatty()
+        self.tty = sys.stderr.isatty() and self.path is not None
         self.bar = None
 
     def _read_history(self, step):
@@ -197,15 +225,23 @@ class Logger:
                         disable=not self.tty, dynamic_ncols=True, leave=False)
 
     def step(self, losses):
-        """losses: name -> 0-d tensor, kept on the device until the next flush."""
-        self.pending.append(torch.stack([losses[n].detach().float() for n in self.names]))
+        """losses: (len(names),) tensor, copied into a device buffer: one kernel, no sync."""
+        if self.pending is None or self.k == len(self.pending):
+            grown = losses.new_empty((max(self.window, 2 * self.k), len(self.names)), dtype=torch.float32)
+            if self.pending is not None:
+                grown[:self.k] = self.pending
+            self.pending = grown
+        self.pending[self.k].copy_(losses.detach())
+        self.k += 1
         self.bar.update(1)
 
     def flush(self, step, epoch, lr, images=None):
         """Close the interval ending at `step` (epoch: fractional epochs done); images: name -> (C, H, W) tensor."""
-        if not self.pending:
+        if not self.k:
             return
-        values = torch.stack(self.pending).cpu()  # (steps, losses)
+        values = self.pending[:self.k]  # (steps, losses)
+        values = (self.average(values) if self.average else values).cpu()
+        self.k = 0
         bad = ~torch.isfinite(values)
         if bad.any():
             k, j = bad.nonzero()[0].tolist()
@@ -213,10 +249,13 @@ class Logger:
         now = time.time()
         row = {"step": step, "epoch": epoch, **dict(zip(self.names, values.mean(0).tolist())), "lr": lr,
                "seconds": round(self.seconds(), 3)}
+        speed = (step - self.last_step) / max(now - self.t_last, 1e-9)
+        self.last_step, self.t_last = step, now
+        if not self.path:
+            return
         self.rows.append(row)
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, self.columns).writerow(row)
-        speed = (step - self.last_step) / max(now - self.t_last, 1e-9)
         eta = time.strftime("%H:%M:%S", time.gmtime((self.total_steps - step) / speed))
         stats = {"G": f"{row['loss_G']:.3f}", "D": f"{row['loss_D']:.3f}", "img/s": f"{speed * self.batch_size:.1f}", "eta": eta}
         if self.tty:
@@ -225,7 +264,6 @@ class Logger:
             print(f"epoch {epoch:.3f} step {step} " + " ".join(f"{k} {v}" for k, v in stats.items()), flush=True)
         if self.plotter:  # images are copied off the device only when someone will see them
             self.plotter.submit(self.rows, images and {k: tensor2image(v) for k, v in images.items()})
-        self.pending, self.last_step, self.t_last = [], step, now
 
     def end_epoch(self):
         self.bar.close()

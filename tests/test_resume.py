@@ -42,8 +42,9 @@ def assert_same_run(out, reference):
     for opt in ("optimizer_G", "optimizer_D"):
         for i, state in b[opt]["state"].items():
             assert all(torch.equal(a[opt]["state"][i][k], v) for k, v in state.items()), opt
-    for buf in ("fake_A_buffer", "fake_B_buffer"):
-        assert all(torch.equal(x, y) for x, y in zip(a[buf]["data"], b[buf]["data"]))
+    for buf in ("fake_A_buffer", "fake_B_buffer"):  # one per process
+        assert len(a[buf]) == len(b[buf]) == 1 and len(a[buf][0]["data"]) == len(b[buf][0]["data"])
+        assert all(torch.equal(x, y) for x, y in zip(a[buf][0]["data"], b[buf][0]["data"]))
     assert loss_table(out) == loss_table(reference)
 
 
