@@ -525,8 +525,12 @@ def ignore_signals(worker_id):
 def stop_children():
     """Kill the loader's worker processes: they ignore SIGTERM (see ignore_signals), so the exit handler of
     multiprocessing, which terminates and then joins them, would wait forever after an error."""
-    for child in multiprocessing.active_children():
+    if hasattr(signal, "SIGCHLD"):  # the loader's SIGCHLD handler would raise at the first death
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    children = multiprocessing.active_children()
+    for child in children:
         child.kill()
+    for child in children:
         child.join(5)
 
 
