@@ -92,3 +92,18 @@ def test_demo_has_paired_ground_truth(tmp_path):
     assert len(list_images(root / "train" / "A")) == 3 and len(list_images(root / "test" / "truth_B")) == 2
     summer, winter = (np.asarray(Image.open(root / "test" / d / "0000.png"), dtype=float) for d in ("A", "truth_B"))
     assert winter.mean() > summer.mean() + 30  # snow is brighter than grass and a blue sky
+
+
+def test_ranks_take_equal_shares_that_cover_the_epoch_and_resume_on_another_world_size():
+    full = list(EpochSampler(7, seed=3))  # one process, epoch 0
+    for world_size in (2, 3):
+        shards = [list(EpochSampler(7, seed=3, rank=r, world_size=world_size)) for r in range(world_size)]
+        assert len({len(s) for s in shards}) == 1  # padded: every rank takes the same number of steps
+        assert set(sum(shards, [])) == set(full) and len(sum(shards, [])) == -(-7 // world_size) * world_size
+    # 4 samples taken by 2 processes, then the rest by 3: the epoch continues where it stopped
+    rest = []
+    for r in range(3):
+        s = EpochSampler(7, seed=3, rank=r, world_size=3)
+        s.set_epoch(0, start=4)
+        rest.append(list(s))
+    assert sorted(set(sum(rest, []))) == sorted(full[4:]) and all(len(s) == 1 for s in rest)
