@@ -419,13 +419,18 @@ def main(args):
             stop.append(name)
             print(f"\n{name}: stopping after this step (Ctrl-C again to quit without saving)", file=sys.stderr)
 
-    def agreed(flag):
-        """flag, or under DDP whether any rank raised it: every rank stops after the same step."""
+    launcher = os.getppid()  # torchrun: its workers run in their own sessions and would outlive it
+
+    def stop_requested():
+        """Whether to stop after this step: a signal here or, under DDP, on any rank (all stop after the same step)."""
         if not ddp:
-            return flag
-        t = torch.tensor([int(flag)])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=control)
-        return bool(t.item())
+            return bool(stop)
+        if os.getppid() != launcher and not stop:
+            stop.append("launcher gone")
+            print(f"rank {rank}: torchrun (pid {launcher}) is gone: stopping after this step", file=sys.stderr)
+        flag = torch.tensor([int(bool(stop))])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control)
+        return bool(flag.item())
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
@@ -448,7 +453,7 @@ def main(args):
 
             epoch_end = i == n_steps
             position = (epoch + 1, 0) if epoch_end else (epoch, start_sample + i * args.batchSize * world_size)
-            stopped = agreed(bool(stop))
+            stopped = stop_requested()
             save_now = epoch_end or stopped or (args.save_freq and step % args.save_freq == 0)
             if step % args.display_freq == 0 or save_now:
                 images = {"real_A": real_A[0], "fake_B": fake_B[0], "rec_A": rec_A[0],
