@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import requests
-import torchvision.transforms.functional as TF
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from requests.adapters import HTTPAdapter
 from torch.utils.data import Dataset, Sampler
@@ -139,8 +139,18 @@ def load_image(path, nc=3):
 
 
 def to_tensor(img):
-    """PIL image -> (C, H, W) float tensor in [-1, 1]."""
-    return TF.to_tensor(img) * 2 - 1
+    """PIL image (RGB or L) -> (C, H, W) float tensor in [-1, 1]; the same numbers as torchvision's to_tensor * 2 - 1."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32).reshape(img.size[1], img.size[0], -1) / 255)
+    return x.permute(2, 0, 1).contiguous() * 2 - 1
+
+
+def resize_shorter_side(img, side):
+    """Bicubic resize of the shorter side to `side`, the longer in proportion (rounded down), as torchvision's
+    Resize(side) does to a PIL image. PIL directly: torchvision's import alone costs seconds of every start-up."""
+    w, h = img.size
+    new_short, new_long = side, int(side * max(w, h) / min(w, h))
+    size = (new_short, new_long) if w <= h else (new_long, new_short)
+    return img if size == (w, h) else img.resize(size, Image.BICUBIC)
 
 
 class ImageDataset(Dataset):
@@ -166,11 +176,11 @@ class ImageDataset(Dataset):
 
     def augment(self, img, rng):
         """Resize the shorter side to 1.12 * size (bicubic), random size x size crop, random h-flip."""
-        img = TF.resize(img, int(self.size * 1.12), TF.InterpolationMode.BICUBIC)
+        img = resize_shorter_side(img, int(self.size * 1.12))
         w, h = img.size
-        top, left = rng.integers(0, h - self.size + 1), rng.integers(0, w - self.size + 1)
-        img = TF.crop(img, int(top), int(left), self.size, self.size)
-        return to_tensor(TF.hflip(img) if rng.random() < 0.5 else img)
+        top, left = int(rng.integers(0, h - self.size + 1)), int(rng.integers(0, w - self.size + 1))
+        img = img.crop((left, top, left + self.size, top + self.size))
+        return to_tensor(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img)
 
     def load(self, files, k, nc, key, domain):
         """(files[k] as an image, bad lines); a file that fails to decode is replaced by one drawn from

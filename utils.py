@@ -15,7 +15,6 @@ import requests
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
-from torchvision.utils import make_grid
 from tqdm import tqdm
 
 
@@ -158,6 +157,7 @@ SAMPLE_COLUMNS = ["real", "fake", "reconstructed"]
 
 def sample_grid(images, min_cell=128, pad=4):
     """The six (3, h, w) uint8 samples as one labelled (3, H, W) picture: rows A and B, columns real / fake / rec."""
+    from torchvision.utils import make_grid  # here, in the plotter's thread: importing torchvision takes seconds
     x = torch.stack([torch.from_numpy(images[n]) for names in SAMPLE_ROWS.values() for n in names])  # (6, 3, h, w)
     scale = -(-min_cell // min(x.shape[2:]))  # a 32 px crop is narrower than its label: enlarge, pixels kept sharp
     if scale > 1:

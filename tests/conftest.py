@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch.nn as nn
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,3 +63,15 @@ def tiny_data(tmp_path):
 # Flags that make train.py take a few seconds: 32 px crops, 1 epoch of max(|A|, |B|) steps, no visdom.
 QUICK = ["--size", "32", "--n_epochs", "1", "--decay_epoch", "0", "--n_cpu", "0", "--seed", "0"]
 FAST = QUICK + ["--no_visdom"]
+
+
+def before_instance_norm(net):
+    """Names of the conv biases that an InstanceNorm follows: it subtracts their effect again, so their gradient is
+    0 up to rounding, and Adam (which divides by the gradient's size) turns that rounding into steps of +-lr."""
+    names = []
+    for prefix, module in net.named_modules():
+        if isinstance(module, nn.Sequential):
+            for (i, a), (_, b) in zip(module.named_children(), list(module.named_children())[1:]):
+                if isinstance(a, nn.Conv2d | nn.ConvTranspose2d) and isinstance(b, nn.InstanceNorm2d):
+                    names.append(f"{prefix}.{i}.bias".lstrip("."))
+    return names

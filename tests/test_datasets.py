@@ -107,3 +107,15 @@ def test_ranks_take_equal_shares_that_cover_the_epoch_and_resume_on_another_worl
         s.set_epoch(0, start=4)
         rest.append(list(s))
     assert sorted(set(sum(rest, []))) == sorted(full[4:]) and all(len(s) == 1 for s in rest)
+
+
+def test_the_augmentation_equals_torchvisions_transforms(tmp_path):
+    """datasets.py uses PIL directly (torchvision's import costs seconds of start-up): the same numbers."""
+    import torchvision.transforms.functional as TF
+    from datasets import resize_shorter_side, to_tensor
+    for size, mode in (((57, 31), "RGB"), ((31, 57), "L"), ((36, 36), "RGB"), ((200, 120), "RGB")):
+        img = Image.open(write_image(tmp_path / f"{size}{mode}.png", mode, size))
+        for side in (26, 36, 143):
+            ours, theirs = resize_shorter_side(img, side), TF.resize(img, side, TF.InterpolationMode.BICUBIC)
+            assert ours.size == theirs.size and np.array_equal(np.asarray(ours), np.asarray(theirs)), (size, side)
+        assert torch.equal(to_tensor(img), TF.to_tensor(img) * 2 - 1)

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import before_instance_norm
 from models import Discriminator, Generator, SlicedReflectionPad2d, use_sliced_padding
 from utils import ReplayBuffer
 
@@ -55,18 +56,6 @@ def our_step(G_A2B, G_B2A, D_A, D_B, autocast=contextlib.nullcontext()):
         train.GeneratorLoss(G_A2B, G_B2A, LAMBDA_CYCLE, LAMBDA_IDENTITY), train.DiscriminatorLoss(D_A, D_B), (D_A, D_B),
         optimizer_G, optimizer_D, scaler, autocast, buffers, a, b, buffers[0].draw(len(a)), buffers[1].draw(len(a)))
     return step
-
-
-def before_instance_norm(net):
-    """Names of the conv biases that an InstanceNorm follows: it subtracts their effect again, so their gradient is
-    0 up to rounding, and Adam (which divides by the gradient's size) turns that rounding into steps of +-lr."""
-    names = []
-    for prefix, module in net.named_modules():
-        if isinstance(module, nn.Sequential):
-            for (i, a), (_, b) in zip(module.named_children(), list(module.named_children())[1:]):
-                if isinstance(a, nn.Conv2d | nn.ConvTranspose2d) and isinstance(b, nn.InstanceNorm2d):
-                    names.append(f"{prefix}.{i}.bias".lstrip("."))
-    return names
 
 
 def relative_error(a, b):
@@ -121,8 +110,9 @@ def test_one_fast_fp32_step_equals_the_plain_six_call_step(batch, reference):
 
 
 def test_the_amp_step_stays_within_bfloat16_tolerance(batch, reference):
+    batch = [x[:1, :, :24, :24] for x in batch]  # bfloat16 is slow on CPUs without bfloat16 units
     bf16 = torch.autocast("cpu", torch.bfloat16, cache_enabled=False)
-    ref_losses = reference[0]
+    ref_losses = plain(batch)[0]
     _, _, bf16_grads = plain(batch, bf16)
     G_A2B, G_B2A, D_A, D_B = nets()
     losses, _ = our_step(G_A2B, G_B2A, D_A, D_B, bf16)(*batch)
