@@ -6,6 +6,7 @@
 """
 import argparse
 import contextlib
+import errno
 import functools
 import math
 import multiprocessing
@@ -39,7 +40,7 @@ LOSS_NAMES = ["loss_G", "loss_G_identity", "loss_G_GAN", "loss_G_cycle", "loss_D
 MACHINE_FLAGS = {"cuda", "n_cpu", "output_dir", "resume", "eager"}
 RUN_FLAGS = {"epoch", "n_epochs", "decay_epoch", "dataroot", "save_freq", "deterministic",
              "display_server", "display_port", "display_env", "display_freq", "no_visdom"}
-ARCH_FLAGS = {"input_nc", "output_nc"}
+ARCH_FLAGS = {"input_nc", "output_nc", "n_blocks"}
 
 
 class UserError(Exception):
@@ -57,6 +58,7 @@ def get_parser():
     p.add_argument("--size", type=int, default=256, help="size of the (square) training crops")
     p.add_argument("--input_nc", type=int, default=3, help="number of channels of input data")
     p.add_argument("--output_nc", type=int, default=3, help="number of channels of output data")
+    p.add_argument("--n_blocks", type=int, default=9, help="residual blocks per generator (the authors use 6 up to 128 px)")
     p.add_argument("--cuda", action="store_true", help="use GPU computation")
     p.add_argument("--n_cpu", type=int, default=8, help="number of cpu threads to use during batch generation")
     p.add_argument("--output_dir", type=str, default="output", help="where checkpoints and losses.csv go")
@@ -90,8 +92,9 @@ def check_args(args):
                         "pass --lambda_identity 0")
     if args.cuda and not torch.cuda.is_available():
         raise UserError("--cuda was given but PyTorch sees no CUDA GPU; drop --cuda to train on the CPU")
-    if args.batchSize < 1 or args.display_freq < 1 or args.save_freq < 0 or args.pool_size < 0:
-        raise UserError("--batchSize and --display_freq must be positive, --save_freq and --pool_size at least 0")
+    if min(args.batchSize, args.display_freq, args.n_blocks) < 1 or min(args.save_freq, args.pool_size, args.n_cpu) < 0:
+        raise UserError("--batchSize, --display_freq and --n_blocks must be positive, --save_freq, --pool_size and "
+                        "--n_cpu at least 0")
 
 
 def load_checkpoint(args):
@@ -239,7 +242,7 @@ def amp_dtype(device):
     GPUs without bfloat16, None on CPUs without bfloat16 units (there it is many times slower than float32)."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None  # AVX512-BF16 or AMX
 
 
 def load_optimizer(optimizer, state):
@@ -287,7 +290,8 @@ def main(args):
     seed_everything(args.seed)
 
     # ---- Networks, optimizers, schedules ----
-    nets = {"G_A2B": Generator(args.input_nc, args.output_nc), "G_B2A": Generator(args.output_nc, args.input_nc),
+    nets = {"G_A2B": Generator(args.input_nc, args.output_nc, args.n_blocks),
+            "G_B2A": Generator(args.output_nc, args.input_nc, args.n_blocks),
             "D_A": Discriminator(args.input_nc), "D_B": Discriminator(args.output_nc)}
     for name, net in nets.items():
         net.apply(weights_init_normal)
@@ -508,8 +512,10 @@ def lock_output_dir(out):
         return None
     f = open(out / ".lock", "a+")
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a POSIX lock: loader workers (forks) do not inherit it
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
@@ -540,8 +546,9 @@ def stop_children():
 
 
 def resume_command(args):
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    launcher = f"torchrun --nproc_per_node={world_size} train.py" if world_size > 1 else "python train.py"
+    world_size, per_node = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    launcher = ("python train.py" if world_size == 1 else f"torchrun --nproc_per_node={world_size} train.py"
+                if per_node == world_size else "torchrun <the same launch flags> train.py")
     return f"{launcher} --resume --output_dir {args.output_dir}" + " --cuda" * args.cuda
 
 

@@ -18,7 +18,7 @@ from models import Discriminator, Generator
 
 NETS = ("G_A2B", "G_B2A", "D_A", "D_B")
 RUN = [*FAST, "--size", "24", "--display_freq", "1"]
-LONG = [*RUN, "--n_epochs", "3", "--decay_epoch", "1", "--save_freq", "1"]  # 3 epochs of 2 steps on 2 processes
+LONG = [*RUN, "--n_epochs", "3", "--decay_epoch", "1", "--save_freq", "2"]  # 3 epochs of 2 steps on 2 processes
 
 # Patches train.py the way a test asks, then runs it as torchrun's script. argv: ROOT MODE OUT_FILE train-args...
 WRAPPER = r"""
@@ -127,7 +127,7 @@ def test_a_torchrun_run_writes_one_set_of_files(one_step):
     tmp, _, r = one_step
     out = tmp / "out"
     assert r.stdout.count("new run, seed 0, 2 processes") == 1 and r.stdout.count("done: 1 epochs, 1 steps") == 1
-    for name, net in (("netG_A2B", Generator(3, 3)), ("netG_B2A", Generator(3, 3)), ("netD_A", Discriminator(3)),
+    for name, net in (("netG_A2B", Generator(3, 3, 1)), ("netG_B2A", Generator(3, 3, 1)), ("netD_A", Discriminator(3)),
                       ("netD_B", Discriminator(3))):
         net.load_state_dict(torch.load(out / f"{name}.pth", weights_only=True))
     ckpt, _ = states(out)

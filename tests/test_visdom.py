@@ -139,8 +139,8 @@ def test_a_server_that_comes_up_mid_run_gets_the_whole_history(tmp_path, server)
     port, start = server
     data = make_dataset(tmp_path / "d", n_A=30, n_B=2, size=(28, 28), test=False)
     out = tmp_path / "o"
-    proc = subprocess.Popen(train_cmd(data, out, port, "--display_freq", "1", "--size", "24"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(train_cmd(data, out, port, "--display_freq", "1", "--size", "24", "--n_blocks", "9"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # slow enough to outlast the start
     wait_for_rows(out, 3, proc)
     start()
     stdout, _ = proc.communicate(timeout=300)
@@ -154,7 +154,7 @@ def test_a_server_killed_mid_run_does_not_stop_training(tmp_path, server):
     visdom_proc = start()
     data = make_dataset(tmp_path / "d", n_A=20, n_B=2, size=(28, 28), test=False)
     out = tmp_path / "o"
-    proc = subprocess.Popen(train_cmd(data, out, port, "--display_freq", "1", "--size", "24"),
+    proc = subprocess.Popen(train_cmd(data, out, port, "--display_freq", "1", "--size", "24", "--n_blocks", "9"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for_rows(out, 3, proc)
     visdom_proc.send_signal(signal.SIGKILL)
