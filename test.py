@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from datasets import ImageFolder, domain_dir, format_bad, list_images, load_image
 from models import load_generator
-from utils import loader_workers, to_uint8
+from utils import amp_dtype, loader_workers, to_uint8
 
 
 def get_parser():
@@ -128,7 +128,7 @@ def main(args):
     # On the GPU: bf16 and channels_last (cuDNN's fast layout); on the CPU fp32, so results are exact.
     cuda = device.type == "cuda"
     layout = torch.channels_last if cuda else torch.contiguous_format
-    autocast = torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext()
+    autocast = torch.autocast("cuda", amp_dtype(device)) if cuda else contextlib.nullcontext()
     out = Path(args.output_dir)
     jobs = jobs_of(args, device)
     sections, skipped, written_A = [], [], {}

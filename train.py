@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader
 
 from datasets import EpochSampler, ImageDataset, new_bad_files, skipped_summary
 from models import Discriminator, Generator, use_sliced_padding, weights_init_normal
-from utils import (Logger, ReplayBuffer, VisdomPlotter, atomic_save, linear_decay, loader_workers, rng_state,
-                   seed_everything, set_requires_grad, set_rng_state, unwrap)
+from utils import (Logger, ReplayBuffer, VisdomPlotter, amp_dtype, atomic_save, linear_decay, loader_workers,
+                   rng_state, seed_everything, set_requires_grad, set_rng_state, unwrap)
 
 try:
     import fcntl  # one run per output folder (POSIX; elsewhere not enforced)
@@ -235,14 +235,6 @@ class CudaGraphStep:
             static.copy_(x, non_blocking=True)
         self.graph.replay()
         return self.outputs
-
-
-def amp_dtype(device):
-    """The autocast type of --amp: bfloat16 where the device computes it natively, float16 (with loss scaling) on
-    GPUs without bfloat16, None on CPUs without bfloat16 units (there it is many times slower than float32)."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None  # AVX512-BF16 or AMX
 
 
 def load_optimizer(optimizer, state):

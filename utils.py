@@ -73,6 +73,14 @@ def linear_decay(n_epochs, decay_epoch):
     return lambda epoch: 1.0 - max(0, epoch - decay_epoch) / (n_epochs - decay_epoch)
 
 
+def amp_dtype(device):
+    """The autocast type of mixed precision (--amp): bfloat16 where the device computes it natively, float16 (with loss scaling) on
+    GPUs without bfloat16, None on CPUs without bfloat16 units (there it is many times slower than float32)."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None  # AVX512-BF16 or AMX
+
+
 def set_requires_grad(nets, flag):
     for net in nets:
         for p in net.parameters():

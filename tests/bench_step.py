@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from models import Discriminator, Generator, weights_init_normal  # noqa: E402
-from utils import ReplayBuffer  # noqa: E402
+from utils import ReplayBuffer, amp_dtype  # noqa: E402
 
 
 def make_nets(device, memory_format=torch.contiguous_format):
@@ -80,7 +80,7 @@ def setups(device, args):
     def ours(amp, capture):
         memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
         G_A2B, G_B2A, D_A, D_B = make_nets(device, memory_format)
-        dtype = train.amp_dtype(device) if amp else None
+        dtype = amp_dtype(device) if amp else None
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         lr = torch.tensor(2e-4, device=device) if capture else 2e-4
         adam = functools.partial(torch.optim.Adam, lr=lr, betas=(0.5, 0.999), fused=True, capturable=capture)
@@ -103,7 +103,7 @@ def setups(device, args):
     if cuda:
         variants += [("ours, fp32, CUDA graph", functools.partial(ours, False, True), True),
                      ("ours, --amp, CUDA graph (train.py --cuda --amp)", functools.partial(ours, True, True), True)]
-    if not cuda and train.amp_dtype(device) is None:
+    if not cuda and amp_dtype(device) is None:
         variants = [v for v in variants if "--amp" not in v[0]]
         print("(this CPU has no bfloat16 units: --amp trains in float32, so it is not timed separately)")
     return variants
