@@ -192,7 +192,8 @@ def train_step(g_loss, d_loss, discriminators, optimizer_G, optimizer_D, scaler,
     scaler.update()
 
     losses = [loss_G, loss_G_identity, loss_G_GAN, loss_G_cycle, loss_D, loss_D_A, loss_D_B]
-    return torch.stack([x.detach().float() for x in losses]), (fake_A, fake_B, rec_A, rec_B)
+    # Detached: an output with its grad_fn would keep parts of this step's graph alive through the next step.
+    return torch.stack([x.detach().float() for x in losses]), tuple(x.detach() for x in (fake_A, fake_B, rec_A, rec_B))
 
 
 def generate(G, x, y, identity):

@@ -47,8 +47,8 @@ class ReplayBuffer:
         """What D sees for fakes (B, C, H, W), given draw()'s choices (on the fakes' device); stores fakes as chosen."""
         if self.max_size == 0:
             return fakes.detach()
-        if self.data is None:
-            self.data = fakes.new_zeros((self.max_size, *fakes.shape[1:]), dtype=torch.float32)
+        if self.data is None:  # rows are written before they are read; untouched pages cost no memory
+            self.data = fakes.new_empty((self.max_size, *fakes.shape[1:]), dtype=torch.float32)
         seen = []
         for k in range(len(fakes)):  # in order: two fakes of a batch may pick the same slot
             slot, action = choices[k, :1], choices[k, 1]
@@ -63,7 +63,7 @@ class ReplayBuffer:
     def load_state_dict(self, state, device):
         self.n, self.data = len(state["data"]), None
         if state["data"]:
-            self.data = torch.zeros((self.max_size, *state["data"][0].shape[1:]), device=device)
+            self.data = torch.empty((self.max_size, *state["data"][0].shape[1:]), device=device)
             self.data[:self.n] = torch.cat(state["data"]).to(device)
         self.generator.set_state(state["generator"])
 

@@ -69,7 +69,7 @@ def seed_step(nets, optimizers, buffers, real_A, real_B):
 
 def setups(device, args):
     """(name, step function of (real_A, real_B), memory format) for each variant timed."""
-    def seed(_):
+    def seed():
         nets = make_nets(device)
         adam = functools.partial(torch.optim.Adam, lr=2e-4, betas=(0.5, 0.999))
         optimizers = (adam([*nets[0].parameters(), *nets[1].parameters()]), adam(nets[2].parameters()),
@@ -124,7 +124,7 @@ def time_steps(args, device):
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        step = make(None)
+        step = make()
         t0 = time.perf_counter()
         for _ in range(args.warmup):
             step(real_A, real_B)
