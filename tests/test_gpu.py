@@ -3,6 +3,7 @@ resumed GPU run bit-identical to the uninterrupted one."""
 import contextlib
 import functools
 import importlib
+import os
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from models import Discriminator, Generator, use_sliced_padding, weights_init_no
 from test_resume import assert_same_run, data, start_training, wait_for_checkpoint  # noqa: F401 (fixture)
 from utils import ReplayBuffer
 
+# Deterministic mode refuses cuBLAS calls without this, and cuBLAS reads it when first used (train.py sets it too).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 train = importlib.import_module("train")
 GPU = ["--cuda", "--deterministic"]  # added to test_resume's run of 12 steps
