@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 
 import datasets
-from conftest import run_script
-from datasets import domain_dir, download_dataset, download_pretrained, list_images
+from conftest import run_script, write_image
+from datasets import domain_dir, download_dataset, download_pretrained, list_images, load_image, to_tensor
 from models import Generator, load_generator
+from utils import to_uint8
 
 NAME = "horse2zebra"
 FOLDERS = {"trainA": "train/A", "trainB": "train/B", "testA": "test/A", "testB": "test/B"}
@@ -275,6 +276,20 @@ def test_pretrained_generator_is_fetched_resumed_and_loads(server, tmp_path):
     assert torch.equal(load_generator(tmp_path / "style_monet.pth").eval()(x), G.eval()(x))
     download_pretrained("style_monet", tmp_path, server.url)
     assert len(server.log) == 2  # already there: no request
+
+    # test.py uses the fetched file directly, on one image and on a folder
+    photos = tmp_path / "photos"
+    for i in range(2):
+        write_image(photos / f"p{i}.jpg", "RGB", (24 + 4 * i, 20), seed=i)
+    for source, out in ((photos / "p0.jpg", tmp_path / "one"), (photos, tmp_path / "all")):
+        r = run_script("test.py", "--input", source, "--generator", tmp_path / "style_monet.pth", "--output_dir", out)
+        assert r.returncode == 0, r.stderr
+    for out, names in ((tmp_path / "one", ["p0"]), (tmp_path / "all", ["p0", "p1"])):
+        assert sorted(f.stem for f in (out / "B").iterdir()) == names
+        for name in names:
+            with torch.no_grad():
+                want = to_uint8(G(to_tensor(load_image(photos / f"{name}.jpg"))[None])[0]).permute(1, 2, 0).numpy()
+            assert np.array_equal(np.asarray(Image.open(out / "B" / f"{name}.png")), want)
 
 
 def test_pretrained_file_that_is_not_a_generator_is_deleted(server, tmp_path):
