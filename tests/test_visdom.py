@@ -137,7 +137,7 @@ def test_the_page_opens(server):
 
 def test_a_server_that_comes_up_mid_run_gets_the_whole_history(tmp_path, server):
     port, start = server
-    data = make_dataset(tmp_path / "d", n_A=30, n_B=2, size=(28, 28), test=False)
+    data = make_dataset(tmp_path / "d", n_A=20, n_B=2, size=(28, 28), test=False)
     out = tmp_path / "o"
     proc = subprocess.Popen(train_cmd(data, out, port, "--display_freq", "1", "--size", "24", "--n_blocks", "9"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # slow enough to outlast the start
@@ -146,13 +146,13 @@ def test_a_server_that_comes_up_mid_run_gets_the_whole_history(tmp_path, server)
     stdout, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, stdout
     assert stdout.count("cannot reach") == 1 and "answers now" in stdout
-    assert traces(port, "loss_G")["interval mean"] == len(csv_rows(out)) == 30
+    assert traces(port, "loss_G")["interval mean"] == len(csv_rows(out)) == 20
 
 
 def test_a_server_killed_mid_run_does_not_stop_training(tmp_path, server):
     port, start = server
     visdom_proc = start()
-    data = make_dataset(tmp_path / "d", n_A=20, n_B=2, size=(28, 28), test=False)
+    data = make_dataset(tmp_path / "d", n_A=12, n_B=2, size=(28, 28), test=False)
     out = tmp_path / "o"
     proc = subprocess.Popen(train_cmd(data, out, port, "--display_freq", "1", "--size", "24", "--n_blocks", "9"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -160,7 +160,7 @@ def test_a_server_killed_mid_run_does_not_stop_training(tmp_path, server):
     visdom_proc.send_signal(signal.SIGKILL)
     stdout, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, stdout
-    assert len(csv_rows(out)) == 20 and stdout.count("cannot reach") == 1
+    assert len(csv_rows(out)) == 12 and stdout.count("cannot reach") == 1
 
 
 def test_a_server_that_never_answers_costs_nothing(tmp_path):
