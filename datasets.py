@@ -442,9 +442,10 @@ def download_dataset(name, root="datasets", base_url=None, retries=5):
     root, urls = Path(root), [f"{u}/{name}.zip" for u in ([base_url.rstrip("/")] if base_url else DATASET_URLS)]
     target, zip_path = root / name, root / f"{name}.zip"
     if target.exists():
-        if not describe(target):
+        found = describe(target)
+        if not found:
             raise ValueError(f"{target} exists but holds no train/A, train/B, test/A or test/B: move it away and run again")
-        print(f"{target} is already there ({describe(target)}); nothing to do")
+        print(f"{target} is already there ({found}); nothing to do")
         return target
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(f".{name}.extract-*"):  # left by an extraction that was killed

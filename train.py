@@ -382,7 +382,7 @@ def main(args):
     logger = Logger(out if is_main else None, LOSS_NAMES, args.batchSize * world_size, steps_per_epoch * args.n_epochs,
                     step, seconds, plotter, window=args.display_freq, average=average)
 
-    def save_checkpoint(position):
+    def save_checkpoint(position, epochs_done):
         """Everything the run needs to continue bit for bit, in one atomically written file by rank 0 (every rank's
         replay buffers and random states gathered to it); False if the write failed."""
         mine = {"fake_A_buffer": fake_A_buffer.state_dict(), "fake_B_buffer": fake_B_buffer.state_dict(),
@@ -398,7 +398,7 @@ def main(args):
                      "lr_scheduler_G": lr_scheduler_G.state_dict(), "lr_scheduler_D": lr_scheduler_D.state_dict(),
                      "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                      **{k: [r[k] for r in ranks] for k in mine},
-                     "step": step, "position": list(position), "epoch": position[0] + position[1] / len(dataset),
+                     "step": step, "position": list(position), "epoch": epochs_done,
                      "world_size": world_size, "seconds": logger.seconds(), "args": vars(args)}
             ok = try_save(state, out / "checkpoint.pth")
         if ddp:
@@ -450,14 +450,14 @@ def main(args):
 
             epoch_end = i == n_steps
             position = (epoch + 1, 0) if epoch_end else (epoch, start_sample + i * args.batchSize * world_size)
+            epochs_done = position[0] + position[1] / len(dataset)
             stopped = stop_requested()
             save_now = epoch_end or stopped or (args.save_freq and step % args.save_freq == 0)
             if step % args.display_freq == 0 or save_now:
                 images = {"real_A": real_A[0], "fake_B": fake_B[0], "rec_A": rec_A[0],
                           "real_B": real_B[0], "fake_A": fake_A[0], "rec_B": rec_B[0]}
                 try:  # checks every loss is finite, before anything is saved
-                    logger.flush(step, position[0] + position[1] / len(dataset),
-                                 float(optimizer_G.param_groups[0]["lr"]), images)
+                    logger.flush(step, epochs_done, float(optimizer_G.param_groups[0]["lr"]), images)
                 except FloatingPointError as e:
                     logger.close()
                     raise UserError(f"{e}; stopped without saving: {out / 'checkpoint.pth'} holds the last good state "
@@ -466,7 +466,7 @@ def main(args):
                 lr_scheduler_G.step()
                 lr_scheduler_D.step()
             if save_now:
-                saved = save_checkpoint(position)
+                saved = save_checkpoint(position, epochs_done)
             if stopped:
                 break
         logger.end_epoch()
