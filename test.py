@@ -90,9 +90,27 @@ def psnr(a, b):
 
 
 def generator(path, input_nc, output_nc, device):
-    """load_generator, ready for inference; channels_last (cuDNN's fast layout) on the GPU."""
-    G = load_generator(path, input_nc, output_nc, map_location=device)
-    return G.to(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format).eval()
+    """load_generator, on `device` and ready for inference; channels_last (cuDNN's fast layout) off the CPU."""
+    G = load_generator(path, input_nc, output_nc)  # built and loaded on the CPU
+    return G.to(device, memory_format=torch.channels_last if device.type != "cpu" else torch.contiguous_format).eval()
+
+
+@torch.inference_mode()
+def translate_batch(G, G_back, images, device, layout, autocast):
+    """images (B, C, H, W) from the loader -> [real, G(real)] and, with G_back, G_back(G(real)): uint8 on `device`
+    (8 bits before the copy back: a quarter of the bytes)."""
+    real = images.to(device, memory_format=layout, non_blocking=True)
+    with autocast:
+        fake = translate(G, real)
+        results = [real, fake] if G_back is None else [real, fake, translate(G_back, fake)]
+    return [to_uint8(r.float()) for r in results]
+
+
+def precision(device):
+    """(memory layout, autocast) of the translation: on the GPU channels_last (cuDNN's fast layout, as generator()
+    lays out G) and bf16 (fp16 without it); on the CPU contiguous fp32, so results are exact."""
+    layout = torch.channels_last if device.type != "cpu" else torch.contiguous_format
+    return layout, torch.autocast("cuda", amp_dtype(device)) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def jobs_of(args, device):
@@ -125,10 +143,8 @@ def main(args):
     if args.cuda and not torch.cuda.is_available():
         raise ValueError("--cuda was given but PyTorch sees no CUDA GPU; drop --cuda to run on the CPU")
     device = torch.device("cuda" if args.cuda else "cpu")
-    # On the GPU: bf16 and channels_last (cuDNN's fast layout); on the CPU fp32, so results are exact.
     cuda = device.type == "cuda"
-    layout = torch.channels_last if cuda else torch.contiguous_format
-    autocast = torch.autocast("cuda", amp_dtype(device)) if cuda else contextlib.nullcontext()
+    layout, autocast = precision(device)
     out = Path(args.output_dir)
     jobs = jobs_of(args, device)
     sections, skipped, written_A = [], [], {}
@@ -144,11 +160,7 @@ def main(args):
             (out / d).mkdir(parents=True, exist_ok=True)
         rows = []
         for images, indices in batches(loader, args.batchSize, skipped):
-            real = images.to(device, memory_format=layout, non_blocking=True)
-            with autocast:
-                fake = translate(G, real)
-                results = [real, fake] if G_back is None else [real, fake, translate(G_back, fake)]
-            results = [to_uint8(r.float()).cpu() for r in results]  # 8 bits on the device: a quarter of the copy
+            results = [r.cpu() for r in translate_batch(G, G_back, images, device, layout, autocast)]
             for k, i in enumerate(indices):
                 name = folder.names[i]
                 for d, r in zip(folders, results):

@@ -16,6 +16,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -212,12 +213,16 @@ class CudaGraphStep:
     """`step` replayed as one CUDA graph on static input buffers: no Python or kernel-launch overhead per step.
 
     The first `warmup` calls run eagerly on a side stream (cuDNN picks its kernels; optimizers and replay buffers
-    allocate their state), the next one captures the graph and replays it. Every call is a real training step."""
+    allocate their state), the next one captures the graph and replays it. Every call is a real training step. If the
+    capture fails, one line names the error and every step runs eagerly: capturing executes nothing, so the state
+    the eager step continues from is the state the capture started from."""
 
     def __init__(self, step, warmup=3):
-        self.step, self.warmup, self.graph = step, warmup, None
+        self.step, self.warmup, self.graph, self.eager = step, warmup, None, False
 
     def __call__(self, *inputs):
+        if self.eager:
+            return self.step(*inputs)
         if self.warmup > 0:
             self.warmup -= 1
             side = torch.cuda.Stream()
@@ -227,15 +232,109 @@ class CudaGraphStep:
             torch.cuda.current_stream().wait_stream(side)
             return out
         if self.graph is None:
-            self.inputs = [x.clone() for x in inputs]
-            self.graph = torch.cuda.CUDAGraph()
-            # thread_local: the loader's pin-memory thread may allocate while we capture
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self.outputs = self.step(*self.inputs)
+            self.graph = self.capture(inputs)
+            if self.graph is None:
+                self.eager = True
+                return self.step(*inputs)
         for static, x in zip(self.inputs, inputs):
             static.copy_(x, non_blocking=True)
         self.graph.replay()
         return self.outputs
+
+    def capture(self, inputs):
+        """The captured graph, reading self.inputs and writing self.outputs; None (and one line why) if it failed."""
+        stream = torch.cuda.current_stream()
+        self.inputs = [x.clone() for x in inputs]
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: the loader's pin-memory thread may allocate while we capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.outputs = self.step(*self.inputs)
+            return graph
+        except Exception as e:
+            torch.cuda.set_stream(stream)  # a failed capture_end leaves the capture's side stream current
+            cause = e
+            while cause.__context__ is not None:  # the error inside the step, not the capture's own complaint about it
+                cause = cause.__context__
+            first = (str(cause).strip().splitlines() or [""])[0][:200]
+            print(f"CUDA graph capture failed ({type(cause).__name__}: {first}); the step runs eagerly from here on "
+                  f"(as with --eager)", file=sys.stderr)
+            self.inputs = self.outputs = None
+            return None
+
+
+def build(args, device, rank=0):
+    """The run's networks, optimizers, precision and replay buffers on `device`, freshly initialised.
+
+    Off the CPU (CUDA, or the meta device of tests/test_devices.py) the networks are channels_last (cuDNN's native
+    layout) and each optimizer's lr is a tensor on the device: eager and captured steps compute the same numbers."""
+    nets = {"G_A2B": Generator(args.input_nc, args.output_nc, args.n_blocks),
+            "G_B2A": Generator(args.output_nc, args.input_nc, args.n_blocks),
+            "D_A": Discriminator(args.input_nc), "D_B": Discriminator(args.output_nc)}
+    accelerator = device.type != "cpu"
+    memory_format = torch.channels_last if accelerator else torch.contiguous_format
+    for net in nets.values():
+        net.apply(weights_init_normal)
+        if args.deterministic:
+            use_sliced_padding(net)
+        net.to(device, memory_format=memory_format)
+    G_A2B, G_B2A, D_A, D_B = nets.values()
+    dtype = amp_dtype(device) if args.amp else None
+    return SimpleNamespace(
+        nets=nets, memory_format=memory_format, dtype=dtype,
+        optimizer_G=adam([*G_A2B.parameters(), *G_B2A.parameters()], args.lr, device, lr_tensor=accelerator),
+        optimizer_D=adam([*D_A.parameters(), *D_B.parameters()], args.lr, device, lr_tensor=accelerator),
+        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+        autocast=torch.autocast(device.type, dtype, cache_enabled=False) if dtype else contextlib.nullcontext(),
+        # Each rank keeps its own replay buffers; rank 0's are seeded as in a single-process run.
+        buffers=(ReplayBuffer(args.pool_size, args.seed + 2 * rank), ReplayBuffer(args.pool_size, args.seed + 2 * rank + 1)))
+
+
+def restore(run, ckpt, rank, device):
+    """Put a checkpoint's weights, optimizer and scaler states, and this rank's replay buffers and random states,
+    into the built run; returns how many processes the checkpointed run had."""
+    for name, net in run.nets.items():
+        net.load_state_dict(ckpt[name])  # copied into the parameters: their device and layout stay
+    load_optimizer(run.optimizer_G, ckpt["optimizer_G"])
+    load_optimizer(run.optimizer_D, ckpt["optimizer_D"])
+    if ckpt["scaler"] and run.scaler.is_enabled():
+        run.scaler.load_state_dict(ckpt["scaler"])
+    per_rank = {k: ckpt[k] if isinstance(ckpt[k], list) else [ckpt[k]] for k in ("fake_A_buffer", "fake_B_buffer", "rng")}
+    if rank < len(per_rank["rng"]):
+        for buffer, key in zip(run.buffers, ("fake_A_buffer", "fake_B_buffer")):
+            buffer.load_state_dict(per_rank[key][rank], device, run.memory_format)
+        set_rng_state(per_rank["rng"][rank])
+    return len(per_rank["rng"])
+
+
+def make_step(run, args, ddp=False):
+    """train_step bound to the run: its losses (each wrapped in DDP under torchrun), optimizers, precision, buffers;
+    a function of (real_A, real_B, choices_A, choices_B)."""
+    G_A2B, G_B2A, D_A, D_B = run.nets.values()
+    g_loss, d_loss = GeneratorLoss(G_A2B, G_B2A, args.lambda_cycle, args.lambda_identity), DiscriminatorLoss(D_A, D_B)
+    if ddp:  # each wrapped forward computes a whole loss: no network runs twice inside one DDP forward-backward
+        g_loss, d_loss = DDP(g_loss), DDP(d_loss)
+    return functools.partial(train_step, g_loss, d_loss, (D_A, D_B), run.optimizer_G, run.optimizer_D, run.scaler,
+                             run.autocast, run.buffers)
+
+
+def adam(params, lr, device, lr_tensor):
+    """The paper's Adam, fused into one kernel. lr_tensor: the lr is a tensor on the device that the schedule fills in
+    place, so a captured CUDA graph reads every new value (and needs the step counts on the device: capturable)."""
+    optimizer = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999), fused=True, capturable=lr_tensor)
+    if lr_tensor:  # set after construction: Adam's check of lr >= 0 would read a device tensor back
+        optimizer.param_groups[0]["lr"] = torch.tensor(lr, device=device)
+    return optimizer
+
+
+def to_device(batch, buffers, device, memory_format):
+    """A loader batch for the step: real_A, real_B on the device in the networks' layout, and both replay buffers'
+    draws for it (pinned on CUDA, so that their non-blocking copies do not wait for the host)."""
+    real_A, real_B = (batch[k].to(device, memory_format=memory_format, non_blocking=True) for k in "AB")
+    draws = [buffer.draw(len(real_A)) for buffer in buffers]
+    if device.type == "cuda":
+        draws = [d.pin_memory() for d in draws]
+    return real_A, real_B, *(d.to(device, non_blocking=True) for d in draws)
 
 
 def load_optimizer(optimizer, state):
@@ -267,6 +366,7 @@ def main(args):
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read at cuBLAS's first call
         torch.use_deterministic_algorithms(True)
+        torch.utils.deterministic.fill_uninitialized_memory = False  # NaN-filling every empty(): no row is read unwritten
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = not args.deterministic, args.deterministic
     device, control = torch.device("cuda" if args.cuda else "cpu"), None
     if ddp:
@@ -282,36 +382,16 @@ def main(args):
         args.seed = seed[0]
     seed_everything(args.seed)
 
-    # ---- Networks, optimizers, schedules ----
-    nets = {"G_A2B": Generator(args.input_nc, args.output_nc, args.n_blocks),
-            "G_B2A": Generator(args.output_nc, args.input_nc, args.n_blocks),
-            "D_A": Discriminator(args.input_nc), "D_B": Discriminator(args.output_nc)}
-    for name, net in nets.items():
-        net.apply(weights_init_normal)
-        if ckpt is not None:
-            net.load_state_dict(ckpt[name])
-        if args.deterministic:
-            use_sliced_padding(net)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # cuDNN's native layout
-    for net in nets.values():
-        net.to(device, memory_format=memory_format)
-    G_A2B, G_B2A, D_A, D_B = nets.values()
-
-    dtype = amp_dtype(device) if args.amp else None
-    if args.amp and dtype is None:
+    # ---- Networks, optimizers, precision, replay buffers; a checkpoint's state put into them ----
+    run = build(args, device, rank)
+    if args.amp and run.dtype is None:
         log("--amp: this CPU has no bfloat16 units (bfloat16 would be many times slower), so training runs in float32")
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    nets = run.nets
+    G_A2B, G_B2A, D_A, D_B = nets.values()
+    optimizer_G, optimizer_D, scaler, (fake_A_buffer, fake_B_buffer) = run.optimizer_G, run.optimizer_D, run.scaler, \
+        run.buffers
     capture = device.type == "cuda" and not (args.eager or ddp or scaler.is_enabled())
-    # Adam's updates in one fused kernel; for a CUDA graph the step counts live on the GPU and the lr is a tensor
-    # the schedule fills in place, so the graph sees every new value.
-    lr = torch.tensor(args.lr, device=device) if capture else args.lr
-    adam = functools.partial(torch.optim.Adam, lr=lr, betas=(0.5, 0.999), fused=True, capturable=capture)
-    optimizer_G = adam([*G_A2B.parameters(), *G_B2A.parameters()])
-    optimizer_D = adam([*D_A.parameters(), *D_B.parameters()])
-    autocast = torch.autocast(device.type, dtype, cache_enabled=False) if dtype else contextlib.nullcontext()
-    # Each rank keeps its own replay buffers; rank 0's are seeded as in a single-process run.
-    fake_A_buffer = ReplayBuffer(args.pool_size, args.seed + 2 * rank)
-    fake_B_buffer = ReplayBuffer(args.pool_size, args.seed + 2 * rank + 1)
+    saved_ranks = restore(run, ckpt, rank, device) if ckpt is not None else None
 
     try:
         dataset = ImageDataset(args.dataroot, args.size, args.input_nc, args.output_nc, seed=args.seed)
@@ -323,15 +403,6 @@ def main(args):
     steps_per_epoch = math.ceil(math.ceil(len(dataset) / world_size) / args.batchSize)
     step, start_epoch, start_sample, seconds = 0, args.epoch, 0, 0.0
     if ckpt is not None:
-        load_optimizer(optimizer_G, ckpt["optimizer_G"])
-        load_optimizer(optimizer_D, ckpt["optimizer_D"])
-        if ckpt["scaler"] and scaler.is_enabled():
-            scaler.load_state_dict(ckpt["scaler"])
-        per_rank = {k: ckpt[k] if isinstance(ckpt[k], list) else [ckpt[k]] for k in ("fake_A_buffer", "fake_B_buffer", "rng")}
-        if rank < len(per_rank["rng"]):
-            fake_A_buffer.load_state_dict(per_rank["fake_A_buffer"][rank], device)
-            fake_B_buffer.load_state_dict(per_rank["fake_B_buffer"][rank], device)
-            set_rng_state(per_rank["rng"][rank])
         step, seconds = ckpt["step"], ckpt["seconds"]
         # Where in the data: (epoch, samples of it taken by all ranks); older checkpoints count steps of one process.
         start_epoch, start_sample = ckpt.get("position", divmod(step, steps_per_epoch))
@@ -340,8 +411,8 @@ def main(args):
             log(f"all {args.n_epochs} epochs of this run are done ({step} steps); "
                 f"to train longer, resume with a larger --n_epochs")
             return 0
-        if len(per_rank["rng"]) != world_size:
-            log(f"the run had {len(per_rank['rng'])} process(es), this one has {world_size}: ranks beyond the run's "
+        if saved_ranks != world_size:
+            log(f"the run had {saved_ranks} process(es), this one has {world_size}: ranks beyond the run's "
                 f"start with empty replay buffers, and each epoch now takes {steps_per_epoch} steps")
         log(f"resuming from epoch {start_epoch + 1}, step {step} (seed {args.seed})")
     elif args.epoch:
@@ -359,12 +430,7 @@ def main(args):
         lr_scheduler_D.load_state_dict(ckpt["lr_scheduler_D"])
 
     # ---- The step: one function; DDP wraps its two losses, CUDA replays it as one graph ----
-    g_loss = GeneratorLoss(G_A2B, G_B2A, args.lambda_cycle, args.lambda_identity)
-    d_loss = DiscriminatorLoss(D_A, D_B)
-    if ddp:  # each wrapped forward computes a whole loss: no network runs twice inside one DDP forward-backward
-        g_loss, d_loss = DDP(g_loss), DDP(d_loss)
-    eager_step = functools.partial(train_step, g_loss, d_loss, (D_A, D_B), optimizer_G, optimizer_D, scaler, autocast,
-                                   (fake_A_buffer, fake_B_buffer))
+    eager_step = make_step(run, args, ddp)
     fast_step = CudaGraphStep(eager_step) if capture else eager_step  # a smaller last batch runs eagerly
     if device.type == "cuda" and not capture:
         log("the step runs eagerly: " + ("--eager" if args.eager else "DDP" if ddp else "float16 loss scaling"))
@@ -440,11 +506,9 @@ def main(args):
         for i, batch in enumerate(loader, 1):
             for line in new_bad_files(batch["bad"], seen_bad):
                 print(f"{line}; replaced by another image", file=sys.stderr)
-            real_A, real_B = (batch[k].to(device, memory_format=memory_format, non_blocking=True) for k in "AB")
-            choices_A, choices_B = (buf.draw(len(real_A)).to(device, non_blocking=True)
-                                    for buf in (fake_A_buffer, fake_B_buffer))
-            run = fast_step if len(real_A) == args.batchSize else eager_step
-            losses, (fake_A, fake_B, rec_A, rec_B) = run(real_A, real_B, choices_A, choices_B)
+            real_A, real_B, choices_A, choices_B = to_device(batch, run.buffers, device, run.memory_format)
+            step_fn = fast_step if len(real_A) == args.batchSize else eager_step
+            losses, (fake_A, fake_B, rec_A, rec_B) = step_fn(real_A, real_B, choices_A, choices_B)
             step += 1
             logger.step(losses)
 
@@ -457,7 +521,7 @@ def main(args):
                 images = {"real_A": real_A[0], "fake_B": fake_B[0], "rec_A": rec_A[0],
                           "real_B": real_B[0], "fake_A": fake_A[0], "rec_B": rec_B[0]}
                 try:  # checks every loss is finite, before anything is saved
-                    logger.flush(step, epochs_done, float(optimizer_G.param_groups[0]["lr"]), images)
+                    logger.flush(step, epochs_done, args.lr * lr_lambda(lr_scheduler_G.last_epoch), images)
                 except FloatingPointError as e:
                     logger.close()
                     raise UserError(f"{e}; stopped without saving: {out / 'checkpoint.pth'} holds the last good state "

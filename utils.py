@@ -47,25 +47,35 @@ class ReplayBuffer:
         """What D sees for fakes (B, C, H, W), given draw()'s choices (on the fakes' device); stores fakes as chosen."""
         if self.max_size == 0:
             return fakes.detach()
+        layout = memory_format_of(fakes)  # D reads what comes out in the networks' layout (channels_last on CUDA)
         if self.data is None:  # rows are written before they are read; untouched pages cost no memory
-            self.data = fakes.new_empty((self.max_size, *fakes.shape[1:]), dtype=torch.float32)
+            self.data = torch.empty((self.max_size, *fakes.shape[1:]), dtype=torch.float32, device=fakes.device,
+                                    memory_format=layout)
         seen = []
         for k in range(len(fakes)):  # in order: two fakes of a batch may pick the same slot
             slot, action = choices[k, :1], choices[k, 1]
             old, new = self.data.index_select(0, slot), fakes[k:k + 1].detach().float()  # (1, C, H, W) each
             seen.append(torch.where(action == self.SWAP, old, new))
             self.data.index_copy_(0, slot, torch.where(action == self.KEEP, old, new))
-        return torch.cat(seen)
+        return torch.cat(seen).contiguous(memory_format=layout)  # a no-op unless index_select changed the layout
 
     def state_dict(self):
-        return {"data": [self.data[i:i + 1].cpu() for i in range(self.n)], "generator": self.generator.get_state()}
+        rows = [self.data[i:i + 1].to("cpu", memory_format=torch.contiguous_format) for i in range(self.n)]
+        return {"data": rows, "generator": self.generator.get_state()}
 
-    def load_state_dict(self, state, device):
+    def load_state_dict(self, state, device, memory_format=torch.contiguous_format):
         self.n, self.data = len(state["data"]), None
         if state["data"]:
-            self.data = torch.empty((self.max_size, *state["data"][0].shape[1:]), device=device)
+            self.data = torch.empty((self.max_size, *state["data"][0].shape[1:]), device=device,
+                                    memory_format=memory_format)
             self.data[:self.n] = torch.cat(state["data"]).to(device)
         self.generator.set_state(state["generator"])
+
+
+def memory_format_of(x):
+    """channels_last if the 4-D tensor x is laid out so (and not also plain contiguous), else contiguous_format."""
+    nhwc = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if nhwc else torch.contiguous_format
 
 
 def linear_decay(n_epochs, decay_epoch):
@@ -76,8 +86,8 @@ def linear_decay(n_epochs, decay_epoch):
 def amp_dtype(device):
     """The autocast type of mixed precision (--amp): bfloat16 where the device computes it natively, float16 (with loss scaling) on
     GPUs without bfloat16, None on CPUs without bfloat16 units (there it is many times slower than float32)."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":  # by default is_bf16_supported also counts bfloat16 emulated on pre-Ampere GPUs
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None  # AVX512-BF16 or AMX
 
 
