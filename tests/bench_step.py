@@ -9,7 +9,6 @@ computed (and thrown away) in the generator update, patch maps average-pooled to
 float32, eager. "ours" is train.py's train_step as main() sets it up.
 """
 import argparse
-import contextlib
 import functools
 import os
 import statistics
@@ -31,12 +30,12 @@ from models import Discriminator, Generator, weights_init_normal  # noqa: E402
 from utils import ReplayBuffer, amp_dtype  # noqa: E402
 
 
-def make_nets(device, memory_format=torch.contiguous_format):
+def make_nets(device, n_blocks=9):
     torch.manual_seed(0)
-    nets = [Generator(3, 3), Generator(3, 3), Discriminator(3), Discriminator(3)]
+    nets = [Generator(3, 3, n_blocks), Generator(3, 3, n_blocks), Discriminator(3), Discriminator(3)]
     for net in nets:
         net.apply(weights_init_normal)
-        net.to(device, memory_format=memory_format)
+        net.to(device)
     return nets
 
 
@@ -70,42 +69,50 @@ def seed_step(nets, optimizers, buffers, real_A, real_B):
 def setups(device, args):
     """(name, step function of (real_A, real_B), memory format) for each variant timed."""
     def seed():
-        nets = make_nets(device)
+        nets = make_nets(device, args.n_blocks)
         adam = functools.partial(torch.optim.Adam, lr=2e-4, betas=(0.5, 0.999))
         optimizers = (adam([*nets[0].parameters(), *nets[1].parameters()]), adam(nets[2].parameters()),
                       adam(nets[3].parameters()))
         buffers = ReplayBuffer(50, 0), ReplayBuffer(50, 1)
         return functools.partial(seed_step, nets, optimizers, buffers)
 
-    def ours(amp, capture):
-        memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-        G_A2B, G_B2A, D_A, D_B = make_nets(device, memory_format)
-        dtype = amp_dtype(device) if amp else None
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        lr = torch.tensor(2e-4, device=device) if capture else 2e-4
-        adam = functools.partial(torch.optim.Adam, lr=lr, betas=(0.5, 0.999), fused=True, capturable=capture)
-        buffers = ReplayBuffer(50, 0), ReplayBuffer(50, 1)
-        autocast = torch.autocast(device.type, dtype, cache_enabled=False) if dtype else contextlib.nullcontext()
-        step = functools.partial(train.train_step, train.GeneratorLoss(G_A2B, G_B2A, 10.0, 0.5),
-                                 train.DiscriminatorLoss(D_A, D_B), (D_A, D_B),
-                                 adam([*G_A2B.parameters(), *G_B2A.parameters()]), adam([*D_A.parameters(), *D_B.parameters()]),
-                                 scaler, autocast, buffers)
+    def ours(amp, capture, layout=None, pinned=True):
+        """train.py's step as main() builds it (train.build), in another layout or with pageable draws if asked."""
+        flags = ["--seed", "0", "--n_blocks", str(args.n_blocks)] + ["--amp"] * amp
+        run_args = train.get_parser().parse_args(flags)
+        run = train.build(run_args, device)
+        if layout is not None:  # in place: the optimizers keep the same parameters, their state is made lazily
+            run.memory_format = layout
+            for net in run.nets.values():
+                net.to(memory_format=layout)
+        step = train.make_step(run, run_args)
         step = train.CudaGraphStep(step) if capture else step
 
-        def run(real_A, real_B):
-            real_A, real_B = (x.contiguous(memory_format=memory_format) for x in (real_A, real_B))
-            return step(real_A, real_B, *(b.draw(len(real_A)).to(device, non_blocking=True) for b in buffers))
-        return run
+        def call(real_A, real_B):
+            if pinned:
+                return step(*train.to_device({"A": real_A, "B": real_B}, run.buffers, device, run.memory_format))
+            real_A, real_B = (x.to(device, memory_format=run.memory_format) for x in (real_A, real_B))
+            return step(real_A, real_B, *(b.draw(len(real_A)).to(device, non_blocking=True) for b in run.buffers))
+        return call
 
     cuda = device.type == "cuda"
     variants = [("seed-style, fp32 eager", seed, False), ("ours, fp32", functools.partial(ours, False, False), True),
                 ("ours, --amp", functools.partial(ours, True, False), True)]
     if cuda:
-        variants += [("ours, fp32, CUDA graph", functools.partial(ours, False, True), True),
-                     ("ours, --amp, CUDA graph (train.py --cuda --amp)", functools.partial(ours, True, True), True)]
+        variants += [
+            ("ours, fp32, CUDA graph", functools.partial(ours, False, True), True),
+            ("ours, --amp, CUDA graph (train.py --cuda --amp: channels_last, pinned draws)",
+             functools.partial(ours, True, True), True),
+            ("ours, --amp, CUDA graph, contiguous networks and buffers",
+             functools.partial(ours, True, True, torch.contiguous_format), True),
+            ("ours, --amp, eager, channels_last", functools.partial(ours, True, False), True),
+            ("ours, --amp, eager, contiguous", functools.partial(ours, True, False, torch.contiguous_format), True),
+            ("ours, --amp, eager, pageable draws", functools.partial(ours, True, False, pinned=False), True)]
     if not cuda and amp_dtype(device) is None:
         variants = [v for v in variants if "--amp" not in v[0]]
         print("(this CPU has no bfloat16 units: --amp trains in float32, so it is not timed separately)")
+    if args.only:
+        variants = [v for v in variants if v[0] == variants[0][0] or any(w in v[0] for w in args.only.split(","))]
     return variants
 
 
@@ -141,7 +148,7 @@ def time_steps(args, device):
         del step
     base = rows[0][1]
     print(f"\n{device_name(device)}, {args.size} px, batch {args.batch}, {args.steps} steps after {args.warmup} warm-up")
-    print(f"| step | ms/step | img/s | peak GiB | warm-up s | vs seed |\n|---|---|---|---|---|---|")
+    print("| step | ms/step | img/s | peak GiB | warm-up s | vs seed |\n|---|---|---|---|---|---|")
     for name, ms, ips, peak, warmup in rows:
         print(f"| {name} | {ms:.1f} | {ips:.1f} | {peak:.2f} | {warmup:.1f} | {base / ms:.2f}x |")
 
@@ -237,6 +244,9 @@ if __name__ == "__main__":
     p.add_argument("mode", nargs="?", default="step", choices=["step", "runs", "seed-run"])
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--n_blocks", type=int, default=9, help="residual blocks per generator (the seed's step has 9)")
+    p.add_argument("--only", help="step mode: time the seed-style step and the variants whose names hold one of "
+                                  "these comma-separated words (e.g. 'graph,contiguous')")
     p.add_argument("--steps", type=int, default=None, help="timed steps (step mode: 50 on CUDA, 3 on CPU), or steps per run")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (10 on CUDA, 1 on CPU)")
     p.add_argument("--repeats", type=int, default=3, help="runs mode: runs of each kind")
