@@ -16,6 +16,7 @@ import stat
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
 import zlib
 from collections import Counter
@@ -31,13 +32,22 @@ from tqdm import tqdm
 from urllib3.util.retry import Retry
 
 from models import load_generator
+from utils import shown
 
+# An image file is decoded only if it has at most MAX_PIXELS pixels (PIL's decompression-bomb limit, 89.5 million:
+# 268 MB as RGB), and a training image only if resizing it for its crop makes at most MAX_RESIZED_PIXELS (an aspect
+# ratio up to about 200:1 at --size 256): a few KB of PNG can declare billions of pixels.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+MAX_RESIZED_PIXELS = 1 << 24
 IMG_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pbm"}
 
 
 def domain_dir(root, split, domain):
     """ROOT/split/domain or ROOT/splitdomain, whichever exists."""
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"data root {root} is a file, not a folder: pass the folder that holds train/A, train/B, "
+                         f"test/A and test/B")
     if not root.is_dir():
         if root.name in DATASETS:
             where = "" if root.parent == Path("datasets") else f" --root {root.parent}"
@@ -61,34 +71,61 @@ def list_images(folder):
     return files
 
 
-def not_an_image(path):
-    """Why path cannot be an image (from its header only: Image.open decodes no pixels), or None if it may be one."""
+def not_an_image(path, too_big=None):
+    """Why path cannot be used as an image, from its header only (Image.open decodes no pixels), or None if it can.
+
+    Images of more than MAX_PIXELS pixels are refused, and so are those for which too_big(width, height) gives a
+    reason (a string)."""
     try:
         if path.stat().st_size == 0:
             return "empty file (0 bytes)"
-        with Image.open(path):  # parses the header only
-            return None
+        with warnings.catch_warnings():  # PIL warns of images over its limit: our reason says it instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:  # parses the header only
+                w, h = img.size
+    except Image.DecompressionBombError as e:  # over twice PIL's limit: it does not even say the size
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        return (f"{int(pixels[1]) / 1e6:.0f} million pixels" if pixels else "too many pixels") + too_many_pixels()
     except UnidentifiedImageError:
         if path.name.startswith("._"):
             return "macOS metadata (AppleDouble) file, not an image"
         return "not an image file (unknown format)"
     except Exception as e:  # PIL plugins raise many types on broken headers
         return f"{type(e).__name__}: {e}"
+    if w * h > MAX_PIXELS:
+        return f"{w}x{h} px{too_many_pixels()}"
+    return too_big(w, h) if too_big else None
 
 
-def scan_images(files):
-    """Split files into (readable, [(path, reason)]) by their headers."""
-    reasons = [(path, not_an_image(path)) for path in files]
+def too_many_pixels():
+    return f": more than the {MAX_PIXELS / 1e6:.1f} million pixels decoded at most (a decompression bomb?)"
+
+
+def too_big_to_resize(side):
+    """too_big for not_an_image: why an image resized to a shorter side of `side` px would be too large, or None."""
+    def reason(w, h):
+        long = int(side * max(w, h) / min(w, h))
+        if side * long > MAX_RESIZED_PIXELS:
+            return (f"{w}x{h} px: resized to a shorter side of {side} px for the crops it would have "
+                    f"{side * long / 1e6:.0f} million pixels (over {MAX_RESIZED_PIXELS / 1e6:.1f} million; "
+                    f"aspect ratio {max(w, h) / min(w, h):.0f}:1)")
+        return None
+    return reason
+
+
+def scan_images(files, too_big=None):
+    """Split files into (readable, [(path, reason)]) by their headers (see not_an_image)."""
+    reasons = [(path, not_an_image(path, too_big)) for path in files]
     return [p for p, r in reasons if r is None], [(p, r) for p, r in reasons if r is not None]
 
 
-def readable_images(folder, max_bad=0.1):
+def readable_images(folder, max_bad=0.1, too_big=None):
     """list_images(folder) less the files that cannot be images: (files, skipped [(path, reason)]).
 
     Raises ValueError, listing them, when more than max_bad of the folder is unreadable. AppleDouble
     `._name` files (a Mac's copy onto a FAT/exFAT drive makes one per image) are skipped but not counted."""
     files = list_images(folder)
-    good, bad = scan_images(files)
+    good, bad = scan_images(files, too_big)
     metadata = sum(p.name.startswith("._") for p, _ in bad)
     if len(bad) - metadata > max_bad * (len(files) - metadata) or not good:
         raise ValueError(f"{len(bad)} of {len(files)} image files in {folder} cannot be read (more than "
@@ -99,7 +136,7 @@ def readable_images(folder, max_bad=0.1):
 
 def format_bad(bad, limit=20):
     """'  PATH: reason' lines for at most `limit` files, then '  and N more'."""
-    lines = [f"  {path}: {reason}" for path, reason in bad[:limit]]
+    lines = [f"  {shown(path)}: {reason}" for path, reason in bad[:limit]]
     return "\n".join(lines + [f"  and {len(bad) - limit} more"] * (len(bad) > limit))
 
 
@@ -166,17 +203,19 @@ class ImageDataset(Dataset):
     attempts = 5  # decode failures in a row before giving up on an item
 
     def __init__(self, root, size, input_nc=3, output_nc=3, split="train", seed=0):
-        self.files_A, skipped_A = readable_images(domain_dir(root, split, "A"))
-        self.files_B, skipped_B = readable_images(domain_dir(root, split, "B"))
-        self.skipped = skipped_A + skipped_B
         self.size, self.input_nc, self.output_nc, self.seed = size, input_nc, output_nc, seed
+        self.side = int(size * 1.12)  # the shorter side after resizing, before the random crop
+        too_big = too_big_to_resize(self.side)
+        self.files_A, skipped_A = readable_images(domain_dir(root, split, "A"), too_big=too_big)
+        self.files_B, skipped_B = readable_images(domain_dir(root, split, "B"), too_big=too_big)
+        self.skipped = skipped_A + skipped_B
 
     def __len__(self):
         return max(len(self.files_A), len(self.files_B))
 
     def augment(self, img, rng):
         """Resize the shorter side to 1.12 * size (bicubic), random size x size crop, random h-flip."""
-        img = resize_shorter_side(img, int(self.size * 1.12))
+        img = resize_shorter_side(img, self.side)
         w, h = img.size
         top, left = int(rng.integers(0, h - self.size + 1)), int(rng.integers(0, w - self.size + 1))
         img = img.crop((left, top, left + self.size, top + self.size))
@@ -190,7 +229,7 @@ class ImageDataset(Dataset):
             try:
                 return load_image(files[k], nc), bad
             except Exception as e:  # a broken file makes PIL raise OSError, SyntaxError, ValueError, ...
-                bad.append(f"{files[k]}: cannot be decoded ({type(e).__name__}: {e})")
+                bad.append(f"{shown(files[k])}: cannot be decoded ({type(e).__name__}: {e})")
                 k = int(np.random.default_rng([self.seed, *key, domain, attempt]).integers(len(files)))
         raise RuntimeError(f"{self.attempts} files in a row failed to decode; is the data set readable?\n" + "\n".join(bad))
 
@@ -230,23 +269,49 @@ class EpochSampler(Sampler):
 class ImageFolder(Dataset):
     """Image files at their own size, for test.py: item i is (image (C, H, W), i, "") or (None, i, "reason").
 
-    Files that cannot be images are left out (self.skipped). self.names[i] names the outputs: the file's stem,
-    or its whole name where two files share a stem (x.jpg and x.png)."""
+    Files that cannot be images, or that too_big(width, height) refuses, are left out (self.skipped). An image whose
+    longer side is over max_size px is scaled down to it. self.names[i] names the outputs (output_names)."""
 
-    def __init__(self, files, nc=3):
-        self.files, self.skipped = scan_images(files)
-        stems = Counter(p.stem for p in self.files)
-        self.names = [p.stem if stems[p.stem] == 1 else p.name for p in self.files]
-        self.nc = nc
+    def __init__(self, files, nc=3, too_big=None, max_size=None):
+        self.files, self.skipped = scan_images(files, too_big)
+        self.names = output_names(self.files)
+        self.nc, self.max_size = nc, max_size
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
         try:
-            return to_tensor(load_image(self.files[i], self.nc)), i, ""
+            img = load_image(self.files[i], self.nc)
+            if self.max_size and max(img.size) > self.max_size:
+                img = img.resize(fit_size(*img.size, self.max_size), Image.BICUBIC, reducing_gap=3.0)
+            return to_tensor(img), i, ""
         except Exception as e:  # reported and skipped by test.py
             return None, i, f"cannot be decoded ({type(e).__name__}: {e})"
+
+
+def fit_size(w, h, max_size):
+    """(w, h) scaled so that the longer side is max_size, each side at least 1 px."""
+    scale = max_size / max(w, h)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def output_names(files, limit=200):
+    """A distinct name (without extension) for each file's outputs: its stem, or its whole name where stems clash
+    (x.jpg and x.png); printable (bytes that are not UTF-8 become U+FFFD), at most `limit` bytes, never '.' or '..',
+    and numbered (x_2, x_3) where two would still be equal, ignoring case as some file systems do."""
+    stems = Counter(p.stem for p in files)
+    names, taken = [], set()
+    for p in files:
+        name = shown(p.stem if stems[p.stem] == 1 else p.name).encode()[:limit].decode("utf-8", "ignore")
+        name = name if name.strip(".") else "_" + name  # '', '.' or '..' (the stem of '..png' is '.')
+        base, k = name, 1
+        while name.casefold() in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name.casefold())
+        names.append(name)
+    return names
 
 
 # ---- demo data: procedural landscapes, the same scene rendered in summer and in winter ----

@@ -9,6 +9,8 @@ from functools import partial
 import torch
 import torch.nn as nn
 
+from utils import load_weights
+
 
 class ResidualBlock(nn.Module):
     def __init__(self, in_features, affine=False):
@@ -97,7 +99,7 @@ def weights_init_normal(m):
         nn.init.zeros_(m.bias)
 
 
-def load_generator(path, input_nc=3, output_nc=3, map_location="cpu"):
+def load_generator(path, input_nc=3, output_nc=3):
     """Load a ResNet generator saved by this repo, the seed, the CycleGAN authors or another implementation.
 
     Our keys (behind an optional `module.` prefix) load strictly by name. Any other file is matched by order and
@@ -108,11 +110,9 @@ def load_generator(path, input_nc=3, output_nc=3, map_location="cpu"):
     Raises ValueError (one line: what was expected, what was found) for anything else.
     """
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = load_weights(path)
     except FileNotFoundError:
         raise ValueError(f"checkpoint {path} does not exist: train first (python train.py) or pass its path") from None
-    except Exception as e:
-        raise ValueError(f"{path} is not a loadable PyTorch checkpoint ({type(e).__name__}: {e})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -132,20 +132,16 @@ def load_generator(path, input_nc=3, output_nc=3, map_location="cpu"):
         raise ValueError(f"{path} is not a {input_nc}->{output_nc} channel generator: it translates {weights[0].shape[1]} "
                          f"to {weights[-1].shape[0]} channels; set the channel counts (--input_nc, --output_nc) to match")
     n_blocks = (n_convs - 6) // 2
+    with torch.device("meta"):  # shapes only: a file that claims 1000 blocks costs nothing until its shapes fit
+        expected = Generator(input_nc, output_nc, n_blocks, affine).state_dict()
+    keys = {k.removeprefix("module."): k for k in state}  # our name -> the file's
+    if keys.keys() != expected.keys():  # another implementation's names: take the file's tensors in order
+        keys = dict(zip(expected, state))
+    for name, want in expected.items():
+        if state[keys[name]].shape != want.shape:
+            raise ValueError(f"{path} is not a CycleGAN ResNet generator: its tensor {keys[name]} has shape "
+                             f"{tuple(state[keys[name]].shape)} where a {n_blocks}-block generator has {name} of "
+                             f"shape {tuple(want.shape)}")
     netG = Generator(input_nc, output_nc, n_blocks, affine)
-    expected = netG.state_dict()
-    by_name = {k.removeprefix("module."): v for k, v in state.items()}
-    if by_name.keys() != expected.keys():  # another implementation's names: take the file's tensors in order
-        for i, ((name, want), (key, got)) in enumerate(zip(expected.items(), state.items())):
-            if got.shape != want.shape:
-                raise ValueError(f"{path} is not a CycleGAN ResNet generator: its tensor {i} ({key}) has shape "
-                                 f"{tuple(got.shape)} where a {n_blocks}-block generator has {name} of shape "
-                                 f"{tuple(want.shape)}")
-        by_name = dict(zip(expected, state.values()))
-    try:
-        netG.load_state_dict(by_name)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[:3]
-        raise ValueError(f"{path} is not a {input_nc}->{output_nc} channel CycleGAN ResNet generator: "
-                         + " ".join(first)) from None
+    netG.load_state_dict({name: state[key] for name, key in keys.items()})
     return netG

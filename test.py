@@ -14,6 +14,7 @@ and OUTPUT_DIR/index.html shows each source beside its results. Unreadable image
 import argparse
 import contextlib
 import html
+import math
 import sys
 from pathlib import Path
 from urllib.parse import quote
@@ -24,9 +25,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from datasets import ImageFolder, domain_dir, format_bad, list_images, load_image
+from datasets import ImageFolder, domain_dir, fit_size, format_bad, list_images, load_image
 from models import load_generator
-from utils import amp_dtype, loader_workers, to_uint8
+from utils import amp_dtype, loader_workers, open_new, shown, to_uint8
 
 
 def get_parser():
@@ -47,7 +48,45 @@ def get_parser():
                                                                  "(default: the --direction's --generator_A2B/B2A)")
     p.add_argument("--direction", choices=["AtoB", "BtoA"], default=None, help="with --input: the images are "
                                                                                 "domain A (AtoB, the default) or B")
+    p.add_argument("--max_size", type=int, default=None, help="scale images whose longer side is over MAX_SIZE px "
+                                                                "down to it (default: translate every image at its "
+                                                                "own size, skipping any that would not fit in memory)")
     return p
+
+
+# Peak memory of a 9-block generator's forward per (padded) input pixel: 0.9-1 KB measured in float32 on the CPU
+# at 512-1024 px; used to skip, before decoding, an image that could not be translated in the memory that is free.
+BYTES_PER_PIXEL = 1000
+
+
+def padded_size(h, w):
+    """H and W as translate() pads them: up to a multiple of 4, and at least 8."""
+    return max(8, h + -h % 4), max(8, w + -w % 4)
+
+
+def free_memory(device):
+    """Bytes free for translating: the GPU's free memory, or the CPU's available memory (Linux: MemAvailable)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return 8 << 30  # not Linux: assume 8 GB
+
+
+def memory_check(pixels, max_size):
+    """too_big for ImageFolder: why an image (width, height) cannot be translated in `pixels` padded pixels."""
+    def reason(w, h):
+        if max_size:
+            w, h = fit_size(w, h, max_size)
+        need = math.prod(padded_size(h, w))
+        if need <= pixels:
+            return None
+        hint = "a smaller --max_size" if max_size else "--max_size N to scale its longer side down to N px"
+        return (f"{w}x{h} px: translating it needs about {need * BYTES_PER_PIXEL / 1e9:.1f} GB of memory, "
+                f"{pixels * BYTES_PER_PIXEL / 1e9:.1f} GB are free; pass {hint}")
+    return reason
 
 
 @torch.inference_mode()
@@ -55,22 +94,24 @@ def translate(G, x):
     """G at any size: reflect-pad H and W up to a multiple of 4 (two stride-2 layers), at least 8 (the residual
     blocks' reflection padding needs 2 px at 1/4 scale), then crop back."""
     h, w = x.shape[-2:]
-    pad_h, pad_w = max(8, h + -h % 4) - h, max(8, w + -w % 4) - w
+    pad_h, pad_w = (p - s for p, s in zip(padded_size(h, w), (h, w)))
     mode = "reflect" if min(h, w) > max(pad_h, pad_w) else "replicate"  # reflect needs pad < size
     y = G(F.pad(x, (0, pad_w, 0, pad_h), mode=mode))
     return y[..., :h, :w]
 
 
-def batches(loader, batch_size, bad):
-    """Group consecutive images of equal size into batches of up to batch_size: (images (B, C, H, W), indices).
-    Images that fail to decode are reported, appended to `bad` as (path, reason) and left out."""
+def batches(loader, batch_size, bad, max_pixels):
+    """Group consecutive images of equal size into batches of up to batch_size, and up to max_pixels padded pixels
+    in all: (images (B, C, H, W), indices). Images that fail to decode are reported, appended to `bad` as
+    (path, reason) and left out."""
     group = []
     for image, i, error in loader:
         if error:
-            print(f"skipped {loader.dataset.files[i]}: {error}", file=sys.stderr)
+            print(f"skipped {shown(loader.dataset.files[i])}: {error}", file=sys.stderr)
             bad.append((loader.dataset.files[i], error))
             continue
-        if group and (len(group) == batch_size or image.shape != group[0][0].shape):
+        full = len(group) == batch_size or (len(group) + 1) * math.prod(padded_size(*image.shape[-2:])) > max_pixels
+        if group and (full or image.shape != group[0][0].shape):
             yield torch.stack([g[0] for g in group]), [g[1] for g in group]
             group = []
         group.append((image, i))
@@ -79,8 +120,10 @@ def batches(loader, batch_size, bad):
 
 
 def save_png(x, path):
-    """(C, H, W) uint8 -> PNG, gray when C == 1."""
-    Image.fromarray(x.permute(1, 2, 0).squeeze(-1).numpy()).save(path)
+    """(C, H, W) uint8 -> PNG, gray when C == 1; a file (or planted link) already at path is replaced, not written
+    through."""
+    with open_new(path) as f:
+        Image.fromarray(x.permute(1, 2, 0).squeeze(-1).numpy()).save(f, format="PNG")
 
 
 def psnr(a, b):
@@ -142,40 +185,59 @@ def jobs_of(args, device):
 def main(args):
     if args.cuda and not torch.cuda.is_available():
         raise ValueError("--cuda was given but PyTorch sees no CUDA GPU; drop --cuda to run on the CPU")
+    for flag, low in (("batchSize", 1), ("n_cpu", 0), ("max_size", 1)):
+        value = getattr(args, flag)
+        if value is not None and value < low:
+            raise ValueError(f"--{flag} {value}: must be at least {low}")
+    for flag in ("input_nc", "output_nc"):
+        if getattr(args, flag) not in (1, 3):
+            raise ValueError(f"--{flag} {getattr(args, flag)}: images are read as gray (1) or RGB (3)")
     device = torch.device("cuda" if args.cuda else "cpu")
-    cuda = device.type == "cuda"
     layout, autocast = precision(device)
     out = Path(args.output_dir)
     jobs = jobs_of(args, device)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot write to --output_dir {out} ({e.strerror or e}): pick a folder you can write to") from None
+    pixels = int(0.8 * free_memory(device) / BYTES_PER_PIXEL)  # what one batch may hold, padded
     sections, skipped, written_A = [], [], {}
-    for src, files, nc, G, G_path, G_back in jobs:
-        dst = "B" if src == "A" else "A"
-        folder = ImageFolder(files, nc)
-        skipped += folder.skipped
-        for path, reason in folder.skipped:
-            print(f"skipped {path}: {reason}", file=sys.stderr)
-        loader = DataLoader(folder, batch_size=None, num_workers=loader_workers(args.n_cpu, len(folder)), pin_memory=cuda)
-        folders = [f"real_{src}", dst] + [f"rec_{src}"] * (G_back is not None)  # source copy, translation, reconstruction
-        for d in folders:
-            (out / d).mkdir(parents=True, exist_ok=True)
-        rows = []
-        for images, indices in batches(loader, args.batchSize, skipped):
-            results = [r.cpu() for r in translate_batch(G, G_back, images, device, layout, autocast)]
-            for k, i in enumerate(indices):
-                name = folder.names[i]
-                for d, r in zip(folders, results):
-                    save_png(r[k], out / d / f"{name}.png")
-                rows.append((folder.files[i].name, [f"{d}/{name}.png" for d in folders]))
-                if src == "A":
-                    written_A[name] = folder.files[i]
-        G_name, G_back_name = ("G_A2B", "G_B2A") if src == "A" else ("G_B2A", "G_A2B")
-        columns = [f"x ({src})", f"{G_name}(x)"] + [f"{G_back_name}({G_name}(x))"] * (G_back is not None)
-        sections.append((f"{src} → {dst}: {G_name} = {G_path}", columns, rows))
-        print(f"wrote {len(rows)} {src}->{dst} translations to {out / dst}"
-              + (f", reconstructions to {out / folders[2]}" if G_back is not None else ""))
-    write_index(out / "index.html", sections, skipped)
-    if skipped:
-        print(f"skipped {len(skipped)} unreadable image(s):\n" + format_bad(skipped))
+    try:  # the page and the summary are written whatever happens
+        for src, files, nc, G, G_path, G_back in jobs:
+            dst = "B" if src == "A" else "A"
+            folder = ImageFolder(files, nc, memory_check(pixels, args.max_size), args.max_size)
+            skipped += folder.skipped
+            for path, reason in folder.skipped:
+                print(f"skipped {shown(path)}: {reason}", file=sys.stderr)
+            loader = DataLoader(folder, batch_size=None, num_workers=loader_workers(args.n_cpu, len(folder)),
+                                pin_memory=device.type == "cuda")
+            folders = [f"real_{src}", dst] + [f"rec_{src}"] * (G_back is not None)  # source copy, translation, rec
+            for d in folders:
+                (out / d).mkdir(exist_ok=True)
+            rows = []
+            for images, indices in batches(loader, args.batchSize, skipped, pixels):
+                results = [r.cpu() for r in translate_batch(G, G_back, images, device, layout, autocast)]
+                for k, i in enumerate(indices):
+                    name, source = folder.names[i], folder.files[i]
+                    try:
+                        for d, r in zip(folders, results):
+                            save_png(r[k], out / d / f"{name}.png")
+                    except OSError as e:  # a full disk, a name the file system refuses, ...
+                        print(f"skipped {shown(source)}: cannot write its results ({e})", file=sys.stderr)
+                        skipped.append((source, f"cannot write its results ({e.strerror or e})"))
+                        continue
+                    rows.append((shown(source.name), [f"{d}/{name}.png" for d in folders]))
+                    if src == "A":
+                        written_A[name] = source
+            G_name, G_back_name = ("G_A2B", "G_B2A") if src == "A" else ("G_B2A", "G_A2B")
+            columns = [f"x ({src})", f"{G_name}(x)"] + [f"{G_back_name}({G_name}(x))"] * (G_back is not None)
+            sections.append((f"{src} → {dst}: {G_name} = {shown(G_path)}", columns, rows))
+            print(f"wrote {len(rows)} {src}->{dst} translations to {out / dst}"
+                  + (f", reconstructions to {out / folders[2]}" if G_back is not None else ""))
+    finally:
+        write_index(out / "index.html", sections, skipped)
+        if skipped:
+            print(f"skipped {len(skipped)} image(s):\n" + format_bad(skipped))
     if not any(section[2] for section in sections):
         raise ValueError("no image could be read, nothing was translated")
     print(f"results page: {out / 'index.html'}")
@@ -204,10 +266,11 @@ def write_index(path, sections, skipped):
             parts.append(f'<tr><td class="name">{html.escape(name)}</td>{cells}</tr>')
         parts.append("</table>")
     if skipped:
-        parts.append("<h2>Skipped (unreadable)</h2>\n<ul>" + "".join(
-            f"<li>{html.escape(str(p))}: {html.escape(r)}</li>" for p, r in skipped) + "</ul>")
+        parts.append("<h2>Skipped</h2>\n<ul>" + "".join(
+            f"<li>{html.escape(shown(p))}: {html.escape(r)}</li>" for p, r in skipped) + "</ul>")
     parts.append("</body></html>\n")
-    path.write_text("\n".join(parts), encoding="utf-8")
+    with open_new(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(parts))
 
 
 def report_psnr(args, out, written_A):
@@ -231,4 +294,6 @@ if __name__ == "__main__":
     try:
         sys.exit(main(get_parser().parse_args()))
     except ValueError as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:  # a disk that fills up, a folder that vanishes: the results so far are on the page
         sys.exit(f"error: {e}")

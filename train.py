@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader
 
 from datasets import EpochSampler, ImageDataset, new_bad_files, skipped_summary
 from models import Discriminator, Generator, use_sliced_padding, weights_init_normal
-from utils import (Logger, ReplayBuffer, VisdomPlotter, amp_dtype, atomic_save, linear_decay, loader_workers,
-                   rng_state, seed_everything, set_requires_grad, set_rng_state, unwrap)
+from utils import (Logger, ReplayBuffer, VisdomPlotter, amp_dtype, atomic_save, first_line, linear_decay, load_weights,
+                   loader_workers, rng_state, seed_everything, set_requires_grad, set_rng_state, unwrap)
 
 try:
     import fcntl  # one run per output folder (POSIX; elsewhere not enforced)
@@ -36,12 +36,18 @@ except ImportError:
     fcntl = None
 
 LOSS_NAMES = ["loss_G", "loss_G_identity", "loss_G_GAN", "loss_G_cycle", "loss_D", "loss_D_A", "loss_D_B"]
-# On --resume: flags left at their default take the run's saved value, except where to run (MACHINE_FLAGS);
-# RUN_FLAGS may be given a new value; any other flag given with a new value is refused.
-MACHINE_FLAGS = {"cuda", "n_cpu", "output_dir", "resume", "eager"}
-RUN_FLAGS = {"epoch", "n_epochs", "decay_epoch", "dataroot", "save_freq", "deterministic",
-             "display_server", "display_port", "display_env", "display_freq", "no_visdom"}
+# On --resume: flags left at their default take the run's saved value, except LOCAL_FLAGS: where to run, and where
+# data goes, come from this command line alone, never from a checkpoint file (which may be someone else's). RUN_FLAGS
+# may be given a new value; any other flag given with a new value is refused.
+LOCAL_FLAGS = {"cuda", "n_cpu", "output_dir", "resume", "eager", "display_server", "display_port", "display_env"}
+RUN_FLAGS = {"epoch", "n_epochs", "decay_epoch", "dataroot", "save_freq", "deterministic", "display_freq", "no_visdom"}
 ARCH_FLAGS = {"input_nc", "output_nc", "n_blocks"}
+# What a checkpoint holds, checked before any of it is used: a file can pass weights_only and still be anything.
+CHECKPOINT_TYPES = {"args": dict, "G_A2B": dict, "G_B2A": dict, "D_A": dict, "D_B": dict, "optimizer_G": dict,
+                    "optimizer_D": dict, "lr_scheduler_G": dict, "lr_scheduler_D": dict, "scaler": (dict, type(None)),
+                    "fake_A_buffer": (dict, list), "fake_B_buffer": (dict, list), "rng": (dict, list), "step": int,
+                    "seconds": (int, float)}
+MAX_SIZE = 2048  # --size: 8x the paper's 256 px crops, already ~64x its memory
 
 
 class UserError(Exception):
@@ -83,11 +89,28 @@ def get_parser():
     return p
 
 
-def check_args(args):
+def check_args(args, resuming=False):
+    """UserError naming the first flag whose value cannot work, and what would."""
     if args.n_epochs < 1 or not 0 <= args.decay_epoch < args.n_epochs:
         raise UserError(f"--decay_epoch ({args.decay_epoch}) must be at least 0 and below --n_epochs ({args.n_epochs})")
-    if args.size < 24 or args.size % 4:
-        raise UserError(f"--size {args.size}: the generator needs a multiple of 4 and the discriminator at least 24")
+    if args.epoch < 0 or (not resuming and args.epoch >= args.n_epochs):
+        raise UserError(f"--epoch {args.epoch}: a new run starts at an epoch from 0 to --n_epochs - 1 "
+                        f"({args.n_epochs - 1}); to continue a run use --resume")
+    if not 24 <= args.size <= MAX_SIZE or args.size % 4:
+        raise UserError(f"--size {args.size}: the generator needs a multiple of 4, the discriminator at least 24, "
+                        f"and memory grows with its square: at most {MAX_SIZE} (the paper trains at 256)")
+    for flag in ("lr", "lambda_cycle", "lambda_identity"):
+        value = getattr(args, flag)
+        if not math.isfinite(value) or value < 0 or (flag == "lr" and value == 0):
+            raise UserError(f"--{flag} {value}: must be a finite number " + ("above 0 (the paper's is 0.0002)"
+                                                                              if flag == "lr" else "of 0 or more"))
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed {args.seed}: must be a whole number from 0 to 2**63 - 1")
+    for flag in ("input_nc", "output_nc"):
+        if getattr(args, flag) not in (1, 3):
+            raise UserError(f"--{flag} {getattr(args, flag)}: images are read as gray (1) or RGB (3)")
+    if not 0 < args.display_port < 65536:
+        raise UserError(f"--display_port {args.display_port}: a port is a number from 1 to 65535")
     if args.input_nc != args.output_nc and args.lambda_identity > 0:
         raise UserError("the identity loss feeds B images to G_A2B, so it needs --input_nc == --output_nc; "
                         "pass --lambda_identity 0")
@@ -107,25 +130,45 @@ def load_checkpoint(args):
                 raise UserError(f"{existing} holds a run already: continue it with --resume, "
                                 f"or pick another --output_dir")
         return None
-    if not path.exists():
+    if not path.is_file():
         raise UserError(f"no checkpoint at {path} to resume from" + (" (pass --output_dir of the run, or --resume PATH)"
                                                                     if args.resume == "latest" else ""))
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        saved = ckpt["args"]
-    except Exception as e:
-        raise UserError(f"{path} is not a checkpoint of train.py ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        ckpt = load_weights(path)
+    except ValueError as e:
+        raise UserError(f"{e}; --resume takes a checkpoint.pth written by train.py") from None
+    wrong = checkpoint_problem(ckpt)
+    if wrong:
+        raise UserError(f"{path} is not a checkpoint of train.py: {wrong}")
+    saved = ckpt["args"]
     defaults = vars(get_parser().parse_args([]))
     given = {k for k, v in vars(args).items() if v != defaults[k]}
-    changed = {k for k in given - RUN_FLAGS - MACHINE_FLAGS if k in saved and getattr(args, k) != saved[k]}
+    changed = {k for k in given - RUN_FLAGS - LOCAL_FLAGS if k in saved and getattr(args, k) != saved[k]}
     if changed:
         kind = "architecture" if changed & ARCH_FLAGS else "training"
         raise UserError(f"{path} was trained with other {kind} flags: " +
                         ", ".join(f"--{k} {saved[k]} (given {getattr(args, k)})" for k in sorted(changed)) +
                         "; drop them to resume, or start a new run in another --output_dir")
-    for k in saved.keys() & defaults.keys() - given - MACHINE_FLAGS:
+    for k in saved.keys() & defaults.keys() - given - LOCAL_FLAGS:
         setattr(args, k, saved[k])
     return ckpt
+
+
+def checkpoint_problem(ckpt):
+    """What is wrong with a loaded checkpoint's layout (a missing key, a value of the wrong type), or None."""
+    if not isinstance(ckpt, dict):
+        return f"it holds a {type(ckpt).__name__}, not a dict"
+    for key, kind in CHECKPOINT_TYPES.items():
+        if key not in ckpt:
+            return f"it has no {key!r}"
+        if not isinstance(ckpt[key], kind) or isinstance(ckpt[key], bool):
+            return f"its {key!r} is a {type(ckpt[key]).__name__}"
+    kinds = {a.dest: a.type or type(a.const) for a in get_parser()._actions if a.dest != "help"}
+    for key, value in ckpt["args"].items():
+        kind = kinds.get(key)
+        if kind and value is not None and type(value) is not kind and not (kind is float and type(value) is int):
+            return f"its flag {key} is {value!r}, not a {kind.__name__}"
+    return None
 
 
 # ---- The objective: each update's whole loss is one module's forward, so DDP sees one forward per backward ----
@@ -358,8 +401,11 @@ def main(args):
     out = Path(args.output_dir)
     lock = lock_output_dir(out) if is_main and out.is_dir() else None  # held (open) until the process ends
     ckpt = load_checkpoint(args)
-    check_args(args)  # after the merge: a resumed run's flags with what was given anew
-    out.mkdir(parents=True, exist_ok=True)
+    check_args(args, resuming=ckpt is not None)  # after the merge: a resumed run's flags with what was given anew
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(cannot_write(out, e)) from None
     lock = lock or (lock_output_dir(out) if is_main else None)
     log = print if is_main else (lambda *a, **k: None)
 
@@ -391,7 +437,11 @@ def main(args):
     optimizer_G, optimizer_D, scaler, (fake_A_buffer, fake_B_buffer) = run.optimizer_G, run.optimizer_D, run.scaler, \
         run.buffers
     capture = device.type == "cuda" and not (args.eager or ddp or scaler.is_enabled())
-    saved_ranks = restore(run, ckpt, rank, device) if ckpt is not None else None
+    try:
+        saved_ranks = restore(run, ckpt, rank, device) if ckpt is not None else None
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:  # a damaged or foreign file
+        raise UserError(f"{args.resume if args.resume != 'latest' else out / 'checkpoint.pth'} does not fit these "
+                        f"networks ({type(e).__name__}: {first_line(e)[:200]}): is it a checkpoint of train.py?") from None
 
     try:
         dataset = ImageDataset(args.dataroot, args.size, args.input_nc, args.output_nc, seed=args.seed)
@@ -524,8 +574,9 @@ def main(args):
                     logger.flush(step, epochs_done, args.lr * lr_lambda(lr_scheduler_G.last_epoch), images)
                 except FloatingPointError as e:
                     logger.close()
-                    raise UserError(f"{e}; stopped without saving: {out / 'checkpoint.pth'} holds the last good state "
-                                    f"(try a lower --lr, or drop --amp)") from None
+                    kept = (f"{out / 'checkpoint.pth'} holds the last good state" if (out / "checkpoint.pth").exists()
+                            else "no checkpoint had been written yet")
+                    raise UserError(f"{e}; stopped without saving: {kept} (try a lower --lr, or drop --amp)") from None
             if epoch_end:
                 lr_scheduler_G.step()
                 lr_scheduler_D.step()
@@ -567,7 +618,13 @@ def lock_output_dir(out):
     dies, however it dies); UserError naming the holder if another run has it."""
     if fcntl is None:
         return None
-    f = open(out / ".lock", "a+")
+    path = out / ".lock"
+    if path.is_symlink():  # planted: the lock file is ours to write, never a link's target
+        path.unlink()
+    try:
+        f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
+    except OSError as e:
+        raise UserError(cannot_write(out, e)) from None
     try:
         fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a POSIX lock: loader workers (forks) do not inherit it
     except OSError as e:
@@ -583,6 +640,10 @@ def lock_output_dir(out):
     f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     f.flush()
     return f
+
+
+def cannot_write(out, e):
+    return f"cannot write to --output_dir {out} ({e.strerror or first_line(e)}): pick a folder you can write to"
 
 
 def ignore_signals(worker_id):

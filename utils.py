@@ -3,6 +3,7 @@
 import csv
 import functools
 import os
+import pickle
 import random
 import sys
 import threading
@@ -129,12 +130,51 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def first_line(e):
+    """The first line of an exception's message (its type's name if it has none), for one-line reports."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def shown(path):
+    """A path as text that prints anywhere: bytes of a name that are not UTF-8 become U+FFFD."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def load_weights(path):
+    """torch.load onto the CPU of tensors and plain containers only (weights_only). FileNotFoundError if path does not
+    exist; ValueError, in one line, if it is empty, not a PyTorch file, or holds other Python objects, which are
+    refused unread (unpickling them could run any code)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError:
+        raise ValueError(f"{shown(path)} holds pickled Python objects besides tensors, refused unread because "
+                         f"loading them could run code: it was not saved by this repository") from None
+    except Exception as e:
+        why = "the file is empty" if Path(path).is_file() and Path(path).stat().st_size == 0 else \
+            f"{type(e).__name__}: {first_line(e)[:200]}"
+        raise ValueError(f"{shown(path)} is not a PyTorch weights file ({why})") from None
+
+
+def open_new(path, mode="wb", **kwargs):
+    """Open path as a new file for writing. Whatever file was there, a planted symbolic link included, is removed
+    first, never written through, and the file is created exclusively, without following links."""
+    path = Path(path)
+    try:
+        path.unlink()  # a link itself, not its target
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    return os.fdopen(fd, mode, **kwargs)
+
+
 def atomic_save(obj, path):
     """torch.save via a temporary file, fsync and os.replace: a crash or a full disk mid-write leaves the old file whole."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
+        with open_new(tmp) as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
@@ -227,7 +267,7 @@ class Logger:
         elif self.path.exists():  # a fresh run: keep the old file under another name
             self.path.rename(self.path.with_name(f"losses.{int(self.path.stat().st_mtime)}.csv"))
         tmp = self.path.with_name("losses.csv.tmp")
-        with open(tmp, "w", newline="") as f:
+        with open_new(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, self.columns)
             writer.writeheader()
             writer.writerows({k: r.get(k, float("nan")) for k in self.columns} for r in rows)

@@ -36,7 +36,7 @@ elif where == "loop":
         return log_step(self, losses)
     utils.Logger.step = broken
 elif where == "undecodable":
-    datasets.not_an_image = lambda path: None
+    datasets.not_an_image = lambda path, too_big=None: None
 root, sys.argv = sys.argv[1], ["train.py"] + sys.argv[3:]
 runpy.run_path(root + "/train.py", run_name="__main__")
 """

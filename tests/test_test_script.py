@@ -131,7 +131,7 @@ def test_unreadable_images_are_skipped_and_named(tmp_path):
     assert "Traceback" not in r.stderr
     assert sorted(p.name for p in (out / "B").iterdir()) == ["big.png", "img 0 RGB.png", "small.png"]
     assert Image.open(out / "B" / "big.png").size == (52, 44) and Image.open(out / "B" / "small.png").size == (13, 9)
-    summary = r.stdout.split("skipped 2 unreadable image(s):")[1]
+    summary = r.stdout.split("skipped 2 image(s):")[1]
     assert f"{cut}: cannot be decoded" in summary and f"{data / 'test' / 'A' / 'empty.png'}: empty file" in summary
     assert "cut.jpg" in (out / "index.html").read_text()
     page_links(out / "index.html")
