@@ -5,6 +5,7 @@ import functools
 import os
 import pickle
 import random
+import re
 import sys
 import threading
 import time
@@ -148,9 +149,14 @@ def load_weights(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
-    except pickle.UnpicklingError:
-        raise ValueError(f"{shown(path)} holds pickled Python objects besides tensors, refused unread because "
-                         f"loading them could run code: it was not saved by this repository") from None
+    except pickle.UnpicklingError as e:  # torch's message is a page of advice; the line that matters is in it
+        refused = re.search(r"GLOBAL ([\w.]+)", str(e))  # "Unsupported global: GLOBAL x.y" or "... GLOBAL x.y whose ..."
+        if not refused:  # no pickle of ours at all: text, an image, a truncated file
+            why = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+            raise ValueError(f"{shown(path)} is not a PyTorch weights file "
+                             f"({why[1] if why else first_line(e)[:200]})") from None
+        raise ValueError(f"{shown(path)} holds pickled Python objects besides tensors ({refused[1]}), refused "
+                         f"unread because loading them could run code: it was not saved by this repository") from None
     except Exception as e:
         why = "the file is empty" if Path(path).is_file() and Path(path).stat().st_size == 0 else \
             f"{type(e).__name__}: {first_line(e)[:200]}"

@@ -24,11 +24,16 @@ FOLDERS = {"trainA": "train/A", "trainB": "train/B", "testA": "test/A", "testB":
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
-    """Serves server.files; server.mode picks a misbehaviour: cut, stall, busy, ignore_range, wrong_range."""
+    """Serves server.files; server.mode picks a misbehaviour: cut, stall, busy, ignore_range, wrong_range; or, of a
+    hostile server, endless (a body without end: 64 KiB writes for up to 10 s), huge_length (declares 10 TB),
+    trickle (a byte every 50 ms for up to 10 s). Every loop here is bounded in bytes and time."""
 
     def do_GET(self):
         srv = self.server
         srv.log.append((self.path, self.headers.get("Range")))
+        if srv.mode in ("endless", "huge_length", "trickle"):
+            self.hostile(srv.mode)
+            return
         if srv.mode == "busy" and len(srv.log) == 1:
             self.send_error(503)
             return
@@ -59,6 +64,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 time.sleep(3)
             return  # HTTP/1.0: the connection closes with fewer bytes than Content-Length said
         self.wfile.write(body)
+
+    def hostile(self, mode):
+        self.send_response(200)
+        if mode == "huge_length":
+            self.send_header("Content-Length", str(10 ** 13))
+        self.end_headers()
+        chunk, pause = (b"x" * (1 << 16), 0) if mode != "trickle" else (b"x", 0.05)
+        deadline = time.monotonic() + 10
+        try:
+            while time.monotonic() < deadline:
+                self.wfile.write(chunk)
+                self.wfile.flush()
+                time.sleep(pause)
+        except OSError:  # the client hung up, as it should
+            pass
 
     def log_message(self, *args):
         pass
@@ -153,7 +173,7 @@ def test_server_that_ignores_or_misaligns_ranges_starts_over_cleanly(server, tmp
     data, _ = authors_zip()
     server.files[f"/{NAME}.zip"], server.mode = data, mode
     (tmp_path / f"{NAME}.zip.part").write_bytes(b"x" * 700)  # must not survive (zipfile would skip a junk prefix)
-    part = datasets.fetch([f"{server.url}/{NAME}.zip"], tmp_path / f"{NAME}.zip", 1, "")
+    part = datasets.fetch([f"{server.url}/{NAME}.zip"], tmp_path / f"{NAME}.zip", 1, "", 1 << 20)
     assert server.log[0] == (f"/{NAME}.zip", "bytes=700-")
     assert part.read_bytes() == data
 
