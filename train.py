@@ -116,6 +116,8 @@ def check_args(args, resuming=False):
                         "pass --lambda_identity 0")
     if args.cuda and not torch.cuda.is_available():
         raise UserError("--cuda was given but PyTorch sees no CUDA GPU; drop --cuda to train on the CPU")
+    if args.n_blocks > 64:  # the paper has 9; each costs 2.4 MB of weights and a full-size activation per image
+        raise UserError(f"--n_blocks {args.n_blocks}: at most 64 residual blocks (the paper uses 9, or 6 up to 128 px)")
     if min(args.batchSize, args.display_freq, args.n_blocks) < 1 or min(args.save_freq, args.pool_size, args.n_cpu) < 0:
         raise UserError("--batchSize, --display_freq and --n_blocks must be positive, --save_freq, --pool_size and "
                         "--n_cpu at least 0")
