@@ -434,10 +434,8 @@ def main(args):
     run = build(args, device, rank)
     if args.amp and run.dtype is None:
         log("--amp: this CPU has no bfloat16 units (bfloat16 would be many times slower), so training runs in float32")
-    nets = run.nets
-    G_A2B, G_B2A, D_A, D_B = nets.values()
-    optimizer_G, optimizer_D, scaler, (fake_A_buffer, fake_B_buffer) = run.optimizer_G, run.optimizer_D, run.scaler, \
-        run.buffers
+    nets, optimizer_G, optimizer_D, scaler = run.nets, run.optimizer_G, run.optimizer_D, run.scaler
+    fake_A_buffer, fake_B_buffer = run.buffers
     capture = device.type == "cuda" and not (args.eager or ddp or scaler.is_enabled())
     try:
         saved_ranks = restore(run, ckpt, rank, device) if ckpt is not None else None
