@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from datasets import ImageFolder, domain_dir, fit_size, format_bad, list_images, load_image
 from models import load_generator
-from utils import amp_dtype, loader_workers, open_new, shown, to_uint8
+from utils import amp_dtype, cannot_write, channels_problem, loader_workers, open_new, shown, to_uint8
 
 
 def get_parser():
@@ -135,7 +135,7 @@ def psnr(a, b):
 def generator(path, input_nc, output_nc, device):
     """load_generator, on `device` and ready for inference; channels_last (cuDNN's fast layout) off the CPU."""
     G = load_generator(path, input_nc, output_nc)  # built and loaded on the CPU
-    return G.to(device, memory_format=torch.channels_last if device.type != "cpu" else torch.contiguous_format).eval()
+    return G.to(device, memory_format=precision(device)[0]).eval()
 
 
 @torch.inference_mode()
@@ -150,8 +150,8 @@ def translate_batch(G, G_back, images, device, layout, autocast):
 
 
 def precision(device):
-    """(memory layout, autocast) of the translation: on the GPU channels_last (cuDNN's fast layout, as generator()
-    lays out G) and bf16 (fp16 without it); on the CPU contiguous fp32, so results are exact."""
+    """(memory layout, autocast) of the translation: off the CPU channels_last (cuDNN's fast layout, for G and its
+    inputs alike) and on the GPU bf16 (fp16 without it); on the CPU contiguous fp32, so results are exact."""
     layout = torch.channels_last if device.type != "cpu" else torch.contiguous_format
     return layout, torch.autocast("cuda", amp_dtype(device)) if device.type == "cuda" else contextlib.nullcontext()
 
@@ -189,9 +189,8 @@ def main(args):
         value = getattr(args, flag)
         if value is not None and value < low:
             raise ValueError(f"--{flag} {value}: must be at least {low}")
-    for flag in ("input_nc", "output_nc"):
-        if getattr(args, flag) not in (1, 3):
-            raise ValueError(f"--{flag} {getattr(args, flag)}: images are read as gray (1) or RGB (3)")
+    if channels_problem(args):
+        raise ValueError(channels_problem(args))
     device = torch.device("cuda" if args.cuda else "cpu")
     layout, autocast = precision(device)
     out = Path(args.output_dir)
@@ -199,7 +198,7 @@ def main(args):
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"cannot write to --output_dir {out} ({e.strerror or e}): pick a folder you can write to") from None
+        raise ValueError(cannot_write(out, e)) from None
     pixels = int(0.8 * free_memory(device) / BYTES_PER_PIXEL)  # what one batch may hold, padded
     sections, skipped, written_A = [], [], {}
     try:  # the page and the summary are written whatever happens

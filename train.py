@@ -27,8 +27,9 @@ from torch.utils.data import DataLoader
 
 from datasets import EpochSampler, ImageDataset, new_bad_files, skipped_summary
 from models import Discriminator, Generator, use_sliced_padding, weights_init_normal
-from utils import (Logger, ReplayBuffer, VisdomPlotter, amp_dtype, atomic_save, first_line, linear_decay, load_weights,
-                   loader_workers, rng_state, seed_everything, set_requires_grad, set_rng_state, unwrap)
+from utils import (Logger, ReplayBuffer, VisdomPlotter, amp_dtype, atomic_save, cannot_write, channels_problem,
+                   first_line, linear_decay, load_weights, loader_workers, rng_state, seed_everything,
+                   set_requires_grad, set_rng_state, unwrap)
 
 try:
     import fcntl  # one run per output folder (POSIX; elsewhere not enforced)
@@ -106,9 +107,8 @@ def check_args(args, resuming=False):
                                                                               if flag == "lr" else "of 0 or more"))
     if args.seed is not None and not 0 <= args.seed < 2**63:
         raise UserError(f"--seed {args.seed}: must be a whole number from 0 to 2**63 - 1")
-    for flag in ("input_nc", "output_nc"):
-        if getattr(args, flag) not in (1, 3):
-            raise UserError(f"--{flag} {getattr(args, flag)}: images are read as gray (1) or RGB (3)")
+    if channels_problem(args):
+        raise UserError(channels_problem(args))
     if not 0 < args.display_port < 65536:
         raise UserError(f"--display_port {args.display_port}: a port is a number from 1 to 65535")
     if args.input_nc != args.output_nc and args.lambda_identity > 0:
@@ -640,10 +640,6 @@ def lock_output_dir(out):
     f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     f.flush()
     return f
-
-
-def cannot_write(out, e):
-    return f"cannot write to --output_dir {out} ({e.strerror or first_line(e)}): pick a folder you can write to"
 
 
 def ignore_signals(worker_id):

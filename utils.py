@@ -136,6 +136,19 @@ def first_line(e):
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+def cannot_write(folder, e):
+    """The one line for an output folder that cannot be made or written (e: the OSError)."""
+    return f"cannot write to --output_dir {folder} ({e.strerror or first_line(e)}): pick a folder you can write to"
+
+
+def channels_problem(args):
+    """Why --input_nc / --output_nc cannot work (images are read as gray or RGB only), or None."""
+    for flag in ("input_nc", "output_nc"):
+        if getattr(args, flag) not in (1, 3):
+            return f"--{flag} {getattr(args, flag)}: images are read as gray (1) or RGB (3)"
+    return None
+
+
 def shown(path):
     """A path as text that prints anywhere: bytes of a name that are not UTF-8 become U+FFFD."""
     return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
