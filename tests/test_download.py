@@ -14,8 +14,10 @@ import torch
 from PIL import Image
 
 import datasets
+import downloads
 from conftest import run_script, write_image
-from datasets import domain_dir, download_dataset, download_pretrained, list_images, load_image, to_tensor
+from datasets import domain_dir, list_images, load_image, to_tensor
+from downloads import download_dataset, download_pretrained
 from models import Generator, load_generator
 from utils import to_uint8
 
@@ -149,8 +151,8 @@ def test_download_unpacks_the_authors_zip_and_a_second_run_does_nothing(server, 
 
 @pytest.mark.parametrize("mode", ["cut", "stall"])
 def test_cut_or_stalled_transfer_resumes_with_a_range_request(server, tmp_path, monkeypatch, mode):
-    monkeypatch.setattr(datasets, "TIMEOUT", (5, 0.5))  # a stall longer than the read timeout counts as a cut
-    monkeypatch.setattr(datasets, "CHUNK", 256)  # tiny reads, so that half of a tiny zip is several of them
+    monkeypatch.setattr(downloads, "TIMEOUT", (5, 0.5))  # a stall longer than the read timeout counts as a cut
+    monkeypatch.setattr(downloads, "CHUNK", 256)  # tiny reads, so that half of a tiny zip is several of them
     data, images = authors_zip()
     server.files[f"/{NAME}.zip"], server.mode = data, mode
     download_dataset(NAME, tmp_path, server.url, retries=2)
@@ -173,7 +175,7 @@ def test_server_that_ignores_or_misaligns_ranges_starts_over_cleanly(server, tmp
     data, _ = authors_zip()
     server.files[f"/{NAME}.zip"], server.mode = data, mode
     (tmp_path / f"{NAME}.zip.part").write_bytes(b"x" * 700)  # must not survive (zipfile would skip a junk prefix)
-    part = datasets.fetch([f"{server.url}/{NAME}.zip"], tmp_path / f"{NAME}.zip", 1, "", 1 << 20)
+    part = downloads.fetch([f"{server.url}/{NAME}.zip"], tmp_path / f"{NAME}.zip", 1, "", 1 << 20)
     assert server.log[0] == (f"/{NAME}.zip", "bytes=700-")
     assert part.read_bytes() == data
 
@@ -181,7 +183,7 @@ def test_server_that_ignores_or_misaligns_ranges_starts_over_cleanly(server, tmp
 def test_busy_server_is_retried_and_the_old_location_is_the_fallback(server, tmp_path, monkeypatch):
     data, images = authors_zip()
     server.files[f"/old/{NAME}.zip"], server.mode = data, "busy"
-    monkeypatch.setattr(datasets, "DATASET_URLS", (f"{server.url}/new", f"{server.url}/old"))
+    monkeypatch.setattr(downloads, "DATASET_URLS", (f"{server.url}/new", f"{server.url}/old"))
     download_dataset(NAME, tmp_path, retries=1)
     assert [path for path, _ in server.log] == [f"/new/{NAME}.zip"] * 2 + [f"/old/{NAME}.zip"]  # 503, 404, 200
     assert_unpacked(tmp_path, images)

@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-import datasets
+import downloads
 from conftest import FAST, QUICK, ROOT, make_dataset, run_script, write_image
-from datasets import download_dataset
+from downloads import download_dataset
 from models import Generator
 from test_download import NAME, authors_zip, png, server  # noqa: F401 (fixture)
 
@@ -118,7 +118,7 @@ def test_a_generator_file_claiming_1000_blocks_is_refused_before_anything_is_bui
 @pytest.fixture
 def small_listed_size(monkeypatch):
     """The data set is listed at 100 kB, so it may be at most ~1.1 MB."""
-    monkeypatch.setitem(datasets.DATASETS, NAME, 100_000)
+    monkeypatch.setitem(downloads.DATASETS, NAME, 100_000)
 
 
 def test_an_endless_body_is_cut_off_at_the_listed_size_and_deleted(server, tmp_path, small_listed_size):
@@ -136,7 +136,7 @@ def test_a_declared_length_far_beyond_the_listed_size_is_refused_before_writing(
 
 
 def test_a_trickling_server_counts_as_stalled(server, tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets, "STALL", (0.5, 1000))  # a byte every 50 ms is 10 bytes in 0.5 s
+    monkeypatch.setattr(downloads, "STALL", (0.5, 1000))  # a byte every 50 ms is 10 bytes in 0.5 s
     server.mode = "trickle"
     t0 = time.monotonic()
     with pytest.raises(ValueError, match="slower than the stall floor 2 times in a row.*keeps .* bytes"):
@@ -147,7 +147,7 @@ def test_a_trickling_server_counts_as_stalled(server, tmp_path, monkeypatch):
 def test_too_little_free_disk_is_said_before_downloading(server, tmp_path, monkeypatch):
     data, _ = authors_zip()
     server.files[f"/{NAME}.zip"] = data
-    monkeypatch.setattr(datasets, "free_bytes", lambda folder: 10 * MiB)
+    monkeypatch.setattr(downloads, "free_bytes", lambda folder: 10 * MiB)
     with pytest.raises(ValueError, match=r"needs 0 MB of disk in .*10 MB are free: free some space"):
         download_dataset(NAME, tmp_path, server.url, retries=0)
     assert list(tmp_path.iterdir()) == []
