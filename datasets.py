@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from downloads import DATASETS, download_dataset, download_pretrained, print_list
-from utils import shown
+from utils import ignore_signals, loader_workers, shown
 
 # An image file is decoded only if it has at most MAX_PIXELS pixels (PIL's decompression-bomb limit, 89.5 million:
 # 268 MB as RGB), and a training image only if resizing it for its crop makes at most MAX_RESIZED_PIXELS (an aspect
@@ -254,6 +254,15 @@ class EpochSampler(Sampler):
 
     def __len__(self):
         return -(-max(0, self.n - self.start) // self.world_size)  # ceil
+
+
+def train_loader(dataset, batch_size, n_cpu, pin_memory, seed, rank=0, world_size=1):
+    """The run's data stream: the (epoch, i) items of EpochSampler. Workers ignore Ctrl-C / SIGTERM, so the main
+    process can finish its step and save; their own generator keeps the loader off the global torch RNG."""
+    workers = loader_workers(n_cpu, len(dataset))
+    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), seed, rank, world_size),
+                      num_workers=workers, pin_memory=pin_memory, worker_init_fn=ignore_signals,
+                      generator=torch.Generator(), persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
 
 
 class ImageFolder(Dataset):

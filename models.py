@@ -1,4 +1,4 @@
-"""CycleGAN networks: the ResNet generator and the 70x70 PatchGAN discriminator (Zhu et al., 2017).
+"""CycleGAN networks: the ResNet generator, the 70x70 PatchGAN discriminator, and the objective (Zhu et al., 2017).
 
 Layer order and state-dict keys match aitorzip/PyTorch-CycleGAN and the authors' released
 generators, so their .pth files load with strict=True; load_generator also reads other
@@ -8,6 +8,7 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from utils import load_weights
 
@@ -145,3 +146,51 @@ def load_generator(path, input_nc=3, output_nc=3):
     netG = Generator(input_nc, output_nc, n_blocks, affine)
     netG.load_state_dict({name: state[key] for name, key in keys.items()})
     return netG
+
+
+# ---- The objective: each update's whole loss is one module's forward, so DDP sees one forward per backward ----
+
+class GeneratorLoss(nn.Module):
+    """Both generators' loss for a batch. The discriminators are inputs, frozen by the caller, not parameters."""
+
+    def __init__(self, G_A2B, G_B2A, lambda_cycle, lambda_identity):
+        super().__init__()
+        self.G_A2B, self.G_B2A = G_A2B, G_B2A
+        self.lambda_cycle, self.lambda_identity = lambda_cycle, lambda_identity
+
+    def forward(self, real_A, real_B, D_A, D_B):
+        identity = self.lambda_identity > 0
+        fake_B, idt_B = generate(self.G_A2B, real_A, real_B, identity)
+        fake_A, idt_A = generate(self.G_B2A, real_B, real_A, identity)
+        rec_A, rec_B = self.G_B2A(fake_B), self.G_A2B(fake_A)
+        loss_G_GAN = lsgan(D_B(fake_B), 1.0) + lsgan(D_A(fake_A), 1.0)
+        loss_G_cycle = self.lambda_cycle * (F.l1_loss(rec_A, real_A) + F.l1_loss(rec_B, real_B))
+        loss_G_identity = (self.lambda_cycle * self.lambda_identity * (F.l1_loss(idt_A, real_A) + F.l1_loss(idt_B, real_B))
+                           if identity else real_A.new_zeros((), dtype=torch.float32))
+        loss_G = loss_G_GAN + loss_G_cycle + loss_G_identity
+        return (loss_G, loss_G_identity, loss_G_GAN, loss_G_cycle), (fake_A, fake_B, rec_A, rec_B)
+
+
+class DiscriminatorLoss(nn.Module):
+    """LSGAN loss of each discriminator: real -> 1, fake -> 0, halved as in the paper to slow D down."""
+
+    def __init__(self, D_A, D_B):
+        super().__init__()
+        self.D_A, self.D_B = D_A, D_B
+
+    def forward(self, real_A, real_B, fake_A, fake_B):
+        loss_D_A = 0.5 * (lsgan(self.D_A(real_A), 1.0) + lsgan(self.D_A(fake_A), 0.0))
+        loss_D_B = 0.5 * (lsgan(self.D_B(real_B), 1.0) + lsgan(self.D_B(fake_B), 0.0))
+        return loss_D_A, loss_D_B
+
+
+def generate(G, x, y, identity):
+    """G(x), and G(y) for the identity loss, from one batched pass: InstanceNorm keeps the samples independent."""
+    if not identity:
+        return G(x), None
+    return G(torch.cat([x, y])).chunk(2)
+
+
+def lsgan(pred, target):
+    """Least-squares GAN loss on every patch of the (B, 1, H/8 - 2, W/8 - 2) map, towards a constant target."""
+    return F.mse_loss(pred, torch.full_like(pred, target))

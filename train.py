@@ -3,56 +3,38 @@
     python train.py --dataroot datasets/summer2winter_yosemite --cuda
     python train.py --resume                  # continue output/checkpoint.pth exactly where it stopped
     torchrun --nproc_per_node=4 train.py --dataroot datasets/summer2winter_yosemite --cuda   # 4 GPUs, DDP
+
+Reading order: main() is the run's outline; train_step() is the paper's update; Run is what a checkpoint holds,
+with checkpoint() and restore() side by side; utils.Stopper is where a run stops on Ctrl-C.
 """
 import argparse
 import contextlib
-import errno
 import functools
 import math
-import multiprocessing
 import os
-import signal
-import socket
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
 
-from datasets import EpochSampler, ImageDataset, new_bad_files, skipped_summary
-from models import Discriminator, Generator, use_sliced_padding, weights_init_normal
-from utils import (Logger, ReplayBuffer, VisdomPlotter, amp_dtype, atomic_save, cannot_write, channels_problem,
-                   first_line, linear_decay, load_weights, loader_workers, rng_state, seed_everything,
-                   set_requires_grad, set_rng_state, unwrap)
-
-try:
-    import fcntl  # one run per output folder (POSIX; elsewhere not enforced)
-except ImportError:
-    fcntl = None
+from datasets import ImageDataset, skipped_summary, train_loader
+from models import Discriminator, DiscriminatorLoss, Generator, GeneratorLoss, use_sliced_padding, weights_init_normal
+from report import Logger, VisdomPlotter
+from utils import (CudaGraphStep, ReplayBuffer, Stopper, UserError, adam, amp_dtype, cannot_write, channels_problem,
+                   cpu_state, first_line, linear_decay, load_checkpoint, load_optimizer,
+                   lock_output_dir, resume_path, rng_state, set_requires_grad, set_rng_state, setup_processes,
+                   stop_children, to_device, try_save)
 
 LOSS_NAMES = ["loss_G", "loss_G_identity", "loss_G_GAN", "loss_G_cycle", "loss_D", "loss_D_A", "loss_D_B"]
-# On --resume: flags left at their default take the run's saved value, except LOCAL_FLAGS: where to run, and where
-# data goes, come from this command line alone, never from a checkpoint file (which may be someone else's). RUN_FLAGS
-# may be given a new value; any other flag given with a new value is refused.
-LOCAL_FLAGS = {"cuda", "n_cpu", "output_dir", "resume", "eager", "display_server", "display_port", "display_env"}
-RUN_FLAGS = {"epoch", "n_epochs", "decay_epoch", "dataroot", "save_freq", "deterministic", "display_freq", "no_visdom"}
-ARCH_FLAGS = {"input_nc", "output_nc", "n_blocks"}
 # What a checkpoint holds, checked before any of it is used: a file can pass weights_only and still be anything.
 CHECKPOINT_TYPES = {"args": dict, "G_A2B": dict, "G_B2A": dict, "D_A": dict, "D_B": dict, "optimizer_G": dict,
                     "optimizer_D": dict, "lr_scheduler_G": dict, "lr_scheduler_D": dict, "scaler": (dict, type(None)),
                     "fake_A_buffer": (dict, list), "fake_B_buffer": (dict, list), "rng": (dict, list), "step": int,
                     "seconds": (int, float)}
 MAX_SIZE = 2048  # --size: 8x the paper's 256 px crops, already ~64x its memory
-
-
-class UserError(Exception):
-    """A mistake the user can fix: printed as one line, no traceback."""
 
 
 def get_parser():
@@ -123,92 +105,6 @@ def check_args(args, resuming=False):
                         "--n_cpu at least 0")
 
 
-def load_checkpoint(args):
-    """The checkpoint to resume from (or None), with args merged: the run's flags unless given anew here."""
-    path = Path(args.output_dir) / "checkpoint.pth" if args.resume in (None, "latest") else Path(args.resume)
-    if args.resume is None:
-        for existing in (path, path.with_name("netG_A2B.pth")):
-            if existing.exists():
-                raise UserError(f"{existing} holds a run already: continue it with --resume, "
-                                f"or pick another --output_dir")
-        return None
-    if not path.is_file():
-        raise UserError(f"no checkpoint at {path} to resume from" + (" (pass --output_dir of the run, or --resume PATH)"
-                                                                    if args.resume == "latest" else ""))
-    try:
-        ckpt = load_weights(path)
-    except ValueError as e:
-        raise UserError(f"{e}; --resume takes a checkpoint.pth written by train.py") from None
-    wrong = checkpoint_problem(ckpt)
-    if wrong:
-        raise UserError(f"{path} is not a checkpoint of train.py: {wrong}")
-    saved = ckpt["args"]
-    defaults = vars(get_parser().parse_args([]))
-    given = {k for k, v in vars(args).items() if v != defaults[k]}
-    changed = {k for k in given - RUN_FLAGS - LOCAL_FLAGS if k in saved and getattr(args, k) != saved[k]}
-    if changed:
-        kind = "architecture" if changed & ARCH_FLAGS else "training"
-        raise UserError(f"{path} was trained with other {kind} flags: " +
-                        ", ".join(f"--{k} {saved[k]} (given {getattr(args, k)})" for k in sorted(changed)) +
-                        "; drop them to resume, or start a new run in another --output_dir")
-    for k in saved.keys() & defaults.keys() - given - LOCAL_FLAGS:
-        setattr(args, k, saved[k])
-    return ckpt
-
-
-def checkpoint_problem(ckpt):
-    """What is wrong with a loaded checkpoint's layout (a missing key, a value of the wrong type), or None."""
-    if not isinstance(ckpt, dict):
-        return f"it holds a {type(ckpt).__name__}, not a dict"
-    for key, kind in CHECKPOINT_TYPES.items():
-        if key not in ckpt:
-            return f"it has no {key!r}"
-        if not isinstance(ckpt[key], kind) or isinstance(ckpt[key], bool):
-            return f"its {key!r} is a {type(ckpt[key]).__name__}"
-    kinds = {a.dest: a.type or type(a.const) for a in get_parser()._actions if a.dest != "help"}
-    for key, value in ckpt["args"].items():
-        kind = kinds.get(key)
-        if kind and value is not None and type(value) is not kind and not (kind is float and type(value) is int):
-            return f"its flag {key} is {value!r}, not a {kind.__name__}"
-    return None
-
-
-# ---- The objective: each update's whole loss is one module's forward, so DDP sees one forward per backward ----
-
-class GeneratorLoss(nn.Module):
-    """Both generators' loss for a batch. The discriminators are inputs, frozen by the caller, not parameters."""
-
-    def __init__(self, G_A2B, G_B2A, lambda_cycle, lambda_identity):
-        super().__init__()
-        self.G_A2B, self.G_B2A = G_A2B, G_B2A
-        self.lambda_cycle, self.lambda_identity = lambda_cycle, lambda_identity
-
-    def forward(self, real_A, real_B, D_A, D_B):
-        identity = self.lambda_identity > 0
-        fake_B, idt_B = generate(self.G_A2B, real_A, real_B, identity)
-        fake_A, idt_A = generate(self.G_B2A, real_B, real_A, identity)
-        rec_A, rec_B = self.G_B2A(fake_B), self.G_A2B(fake_A)
-        loss_G_GAN = lsgan(D_B(fake_B), 1.0) + lsgan(D_A(fake_A), 1.0)
-        loss_G_cycle = self.lambda_cycle * (F.l1_loss(rec_A, real_A) + F.l1_loss(rec_B, real_B))
-        loss_G_identity = (self.lambda_cycle * self.lambda_identity * (F.l1_loss(idt_A, real_A) + F.l1_loss(idt_B, real_B))
-                           if identity else real_A.new_zeros((), dtype=torch.float32))
-        loss_G = loss_G_GAN + loss_G_cycle + loss_G_identity
-        return (loss_G, loss_G_identity, loss_G_GAN, loss_G_cycle), (fake_A, fake_B, rec_A, rec_B)
-
-
-class DiscriminatorLoss(nn.Module):
-    """LSGAN loss of each discriminator: real -> 1, fake -> 0, halved as in the paper to slow D down."""
-
-    def __init__(self, D_A, D_B):
-        super().__init__()
-        self.D_A, self.D_B = D_A, D_B
-
-    def forward(self, real_A, real_B, fake_A, fake_B):
-        loss_D_A = 0.5 * (lsgan(self.D_A(real_A), 1.0) + lsgan(self.D_A(fake_A), 0.0))
-        loss_D_B = 0.5 * (lsgan(self.D_B(real_B), 1.0) + lsgan(self.D_B(fake_B), 0.0))
-        return loss_D_A, loss_D_B
-
-
 def train_step(g_loss, d_loss, discriminators, optimizer_G, optimizer_D, scaler, autocast, buffers,
                real_A, real_B, choices_A, choices_B):
     """One CycleGAN update: both generators, then both discriminators. Returns the losses as one (7,) tensor in
@@ -242,74 +138,31 @@ def train_step(g_loss, d_loss, discriminators, optimizer_G, optimizer_D, scaler,
     return torch.stack([x.detach().float() for x in losses]), tuple(x.detach() for x in (fake_A, fake_B, rec_A, rec_B))
 
 
-def generate(G, x, y, identity):
-    """G(x), and G(y) for the identity loss, from one batched pass: InstanceNorm keeps the samples independent."""
-    if not identity:
-        return G(x), None
-    return G(torch.cat([x, y])).chunk(2)
+@dataclass
+class Run:
+    """A run's state, made fresh by build(): what checkpoint() saves and restore() puts back, side by side below."""
+    nets: dict  # G_A2B, G_B2A, D_A, D_B
+    optimizer_G: torch.optim.Optimizer
+    optimizer_D: torch.optim.Optimizer
+    lr_scheduler_G: torch.optim.lr_scheduler.LambdaLR
+    lr_scheduler_D: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    buffers: tuple  # this rank's replay buffers of fake_A and fake_B
+    step: int = 0  # steps taken, over resumes
+    epoch: int = 0  # the position in the data: (epoch, samples of it taken by all ranks)
+    sample: int = 0
+    seconds: float = 0.0  # training time, over resumes
+    # How the run computes, not state: set by build() from the flags and the device.
+    device: torch.device = torch.device("cpu")
+    memory_format: torch.memory_format = torch.contiguous_format
+    dtype: torch.dtype = None
+    autocast: object = contextlib.nullcontext()
+    lr_lambda: object = None
+    epoch_size: int = 1  # samples per epoch: max(|A|, |B|)
 
 
-def lsgan(pred, target):
-    """Least-squares GAN loss on every patch of the (B, 1, H/8 - 2, W/8 - 2) map, towards a constant target."""
-    return F.mse_loss(pred, torch.full_like(pred, target))
-
-
-class CudaGraphStep:
-    """`step` replayed as one CUDA graph on static input buffers: no Python or kernel-launch overhead per step.
-
-    The first `warmup` calls run eagerly on a side stream (cuDNN picks its kernels; optimizers and replay buffers
-    allocate their state), the next one captures the graph and replays it. Every call is a real training step. If the
-    capture fails, one line names the error and every step runs eagerly: capturing executes nothing, so the state
-    the eager step continues from is the state the capture started from."""
-
-    def __init__(self, step, warmup=3):
-        self.step, self.warmup, self.graph, self.eager = step, warmup, None, False
-
-    def __call__(self, *inputs):
-        if self.eager:
-            return self.step(*inputs)
-        if self.warmup > 0:
-            self.warmup -= 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                out = self.step(*inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            return out
-        if self.graph is None:
-            self.graph = self.capture(inputs)
-            if self.graph is None:
-                self.eager = True
-                return self.step(*inputs)
-        for static, x in zip(self.inputs, inputs):
-            static.copy_(x, non_blocking=True)
-        self.graph.replay()
-        return self.outputs
-
-    def capture(self, inputs):
-        """The captured graph, reading self.inputs and writing self.outputs; None (and one line why) if it failed."""
-        stream = torch.cuda.current_stream()
-        self.inputs = [x.clone() for x in inputs]
-        graph = torch.cuda.CUDAGraph()
-        try:
-            # thread_local: the loader's pin-memory thread may allocate while we capture
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self.outputs = self.step(*self.inputs)
-            return graph
-        except Exception as e:
-            torch.cuda.set_stream(stream)  # a failed capture_end leaves the capture's side stream current
-            cause = e
-            while cause.__context__ is not None:  # the error inside the step, not the capture's own complaint about it
-                cause = cause.__context__
-            first = (str(cause).strip().splitlines() or [""])[0][:200]
-            print(f"CUDA graph capture failed ({type(cause).__name__}: {first}); the step runs eagerly from here on "
-                  f"(as with --eager)", file=sys.stderr)
-            self.inputs = self.outputs = None
-            return None
-
-
-def build(args, device, rank=0):
-    """The run's networks, optimizers, precision and replay buffers on `device`, freshly initialised.
+def build(args, device, rank=0, epoch_size=1):
+    """A fresh Run on `device`: networks initialised as the paper, optimizers, schedules, precision, replay buffers.
 
     Off the CPU (CUDA, or the meta device of tests/test_devices.py) the networks are channels_last (cuDNN's native
     layout) and each optimizer's lr is a tensor on the device: eager and captured steps compute the same numbers."""
@@ -324,20 +177,47 @@ def build(args, device, rank=0):
             use_sliced_padding(net)
         net.to(device, memory_format=memory_format)
     G_A2B, G_B2A, D_A, D_B = nets.values()
+    optimizer_G = adam([*G_A2B.parameters(), *G_B2A.parameters()], args.lr, device, lr_tensor=accelerator)
+    optimizer_D = adam([*D_A.parameters(), *D_B.parameters()], args.lr, device, lr_tensor=accelerator)
+    for group in optimizer_G.param_groups + optimizer_D.param_groups:
+        group["initial_lr"] = args.lr  # the schedule's base
+    lr_lambda = linear_decay(args.n_epochs, args.decay_epoch)
     dtype = amp_dtype(device) if args.amp else None
-    return SimpleNamespace(
-        nets=nets, memory_format=memory_format, dtype=dtype,
-        optimizer_G=adam([*G_A2B.parameters(), *G_B2A.parameters()], args.lr, device, lr_tensor=accelerator),
-        optimizer_D=adam([*D_A.parameters(), *D_B.parameters()], args.lr, device, lr_tensor=accelerator),
+    return Run(
+        nets, optimizer_G, optimizer_D, schedule(optimizer_G, lr_lambda, args.epoch), schedule(optimizer_D, lr_lambda, args.epoch),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-        autocast=torch.autocast(device.type, dtype, cache_enabled=False) if dtype else contextlib.nullcontext(),
         # Each rank keeps its own replay buffers; rank 0's are seeded as in a single-process run.
-        buffers=(ReplayBuffer(args.pool_size, args.seed + 2 * rank), ReplayBuffer(args.pool_size, args.seed + 2 * rank + 1)))
+        buffers=(ReplayBuffer(args.pool_size, args.seed + 2 * rank), ReplayBuffer(args.pool_size, args.seed + 2 * rank + 1)),
+        epoch=args.epoch, device=device, memory_format=memory_format, dtype=dtype, lr_lambda=lr_lambda,
+        autocast=torch.autocast(device.type, dtype, cache_enabled=False) if dtype else contextlib.nullcontext(),
+        epoch_size=epoch_size)
 
 
-def restore(run, ckpt, rank, device):
-    """Put a checkpoint's weights, optimizer and scaler states, and this rank's replay buffers and random states,
-    into the built run; returns how many processes the checkpointed run had."""
+def schedule(optimizer, lr_lambda, epoch):
+    """The paper's lr schedule for `optimizer`, at `epoch` (a tensor lr is filled in place: a captured graph reads it)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda, last_epoch=epoch - 1)
+
+
+def rank_state(run):
+    """This rank's own part of a checkpoint: its replay buffers and random states."""
+    return {"fake_A_buffer": run.buffers[0].state_dict(), "fake_B_buffer": run.buffers[1].state_dict(),
+            "rng": rng_state(run.device.type == "cuda")}
+
+
+def checkpoint(run, args, ranks):
+    """Everything the run needs to continue bit for bit, as one dict of plain types; ranks: every rank's rank_state."""
+    return {**{name: cpu_state(net) for name, net in run.nets.items()},
+            "optimizer_G": run.optimizer_G.state_dict(), "optimizer_D": run.optimizer_D.state_dict(),
+            "lr_scheduler_G": run.lr_scheduler_G.state_dict(), "lr_scheduler_D": run.lr_scheduler_D.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+            **{key: [r[key] for r in ranks] for key in ranks[0]},
+            "step": run.step, "position": [run.epoch, run.sample], "epoch": run.epoch + run.sample / run.epoch_size,
+            "world_size": len(ranks), "seconds": run.seconds, "args": vars(args)}
+
+
+def restore(run, ckpt, args, rank=0, world_size=1):
+    """checkpoint()'s inverse: put a checkpoint into a built Run (this rank's replay buffers and random states, if
+    the checkpointed run had this rank); returns how many processes it had."""
     for name, net in run.nets.items():
         net.load_state_dict(ckpt[name])  # copied into the parameters: their device and layout stay
     load_optimizer(run.optimizer_G, ckpt["optimizer_G"])
@@ -347,9 +227,32 @@ def restore(run, ckpt, rank, device):
     per_rank = {k: ckpt[k] if isinstance(ckpt[k], list) else [ckpt[k]] for k in ("fake_A_buffer", "fake_B_buffer", "rng")}
     if rank < len(per_rank["rng"]):
         for buffer, key in zip(run.buffers, ("fake_A_buffer", "fake_B_buffer")):
-            buffer.load_state_dict(per_rank[key][rank], device, run.memory_format)
+            buffer.load_state_dict(per_rank[key][rank], run.device, run.memory_format)
         set_rng_state(per_rank["rng"][rank])
+    run.step, run.seconds = ckpt["step"], ckpt["seconds"]
+    if "position" in ckpt:
+        run.epoch, run.sample = ckpt["position"]
+    else:  # older checkpoints count the steps of one process
+        run.epoch, steps = divmod(run.step, steps_per_epoch(run, args, world_size))
+        run.sample = steps * args.batchSize
+    # The schedules at the restored epoch under this command's --n_epochs / --decay_epoch, then their saved state.
+    run.lr_scheduler_G = schedule(run.optimizer_G, run.lr_lambda, run.epoch)
+    run.lr_scheduler_D = schedule(run.optimizer_D, run.lr_lambda, run.epoch)
+    run.lr_scheduler_G.load_state_dict(ckpt["lr_scheduler_G"])
+    run.lr_scheduler_D.load_state_dict(ckpt["lr_scheduler_D"])
     return len(per_rank["rng"])
+
+
+def save_checkpoint(run, args, world):
+    """checkpoint(run) written atomically by rank 0, every rank's own state gathered to it; False if the write failed."""
+    ranks = [rank_state(run)]
+    if world.ddp:
+        mine, ranks = ranks[0], [None] * world.size if world.is_main else None
+        dist.gather_object(mine, ranks, dst=0, group=world.control)
+    ok = try_save(checkpoint(run, args, ranks), Path(args.output_dir) / "checkpoint.pth") if world.is_main else True
+    if world.ddp:
+        dist.barrier(group=world.control)  # the others wait for the save
+    return ok
 
 
 def make_step(run, args, ddp=False):
@@ -363,300 +266,159 @@ def make_step(run, args, ddp=False):
                              run.autocast, run.buffers)
 
 
-def adam(params, lr, device, lr_tensor):
-    """The paper's Adam, fused into one kernel. lr_tensor: the lr is a tensor on the device that the schedule fills in
-    place, so a captured CUDA graph reads every new value (and needs the step counts on the device: capturable)."""
-    optimizer = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999), fused=True, capturable=lr_tensor)
-    if lr_tensor:  # set after construction: Adam's check of lr >= 0 would read a device tensor back
-        optimizer.param_groups[0]["lr"] = torch.tensor(lr, device=device)
-    return optimizer
-
-
-def to_device(batch, buffers, device, memory_format):
-    """A loader batch for the step: real_A, real_B on the device in the networks' layout, and both replay buffers'
-    draws for it (pinned on CUDA, so that their non-blocking copies do not wait for the host)."""
-    real_A, real_B = (batch[k].to(device, memory_format=memory_format, non_blocking=True) for k in "AB")
-    draws = [buffer.draw(len(real_A)) for buffer in buffers]
-    if device.type == "cuda":
-        draws = [d.pin_memory() for d in draws]
-    return real_A, real_B, *(d.to(device, non_blocking=True) for d in draws)
-
-
-def load_optimizer(optimizer, state):
-    """Load a saved Adam state under this run's settings (fused, capturable, lr type), whichever device saved it."""
-    ours = optimizer.param_groups
-    groups = [{**saved, **{k: g[k] for k in ("fused", "capturable", "foreach", "lr")}}
-              for saved, g in zip(state["param_groups"], ours)]
-    optimizer.load_state_dict({**state, "param_groups": groups})
-    for p, s in optimizer.state.items():  # moments in the parameter's memory format (channels_last on CUDA)
-        s.update({k: torch.empty_like(p).copy_(v) for k, v in s.items() if torch.is_tensor(v) and v.shape == p.shape})
-
-
-def cpu_state(net):
-    """A plain fp32 state_dict on the CPU in the default memory format: the seed's format, loadable anywhere."""
-    return {k: v.detach().to("cpu", memory_format=torch.contiguous_format) for k, v in unwrap(net).state_dict().items()}
-
-
 def main(args):
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    ddp, is_main = world_size > 1, rank == 0  # launched by torchrun with several processes?
+    """A run, top to bottom: set up, build, restore if resuming, train epoch by epoch, finish."""
+    out, lock, ckpt = open_output(args, is_main=int(os.environ.get("RANK", 0)) == 0)  # lock: held until exit
+    world = setup_processes(args)
+    log = print if world.is_main else (lambda *a, **k: None)
+
+    # ---- Build: data, networks, optimizers, schedules, precision, replay buffers; a checkpoint put into them ----
+    dataset = open_dataset(args, log)
+    run = build(args, world.device, world.rank, epoch_size=len(dataset))
+    if args.amp and run.dtype is None:
+        log("--amp: this CPU has no bfloat16 units (bfloat16 would be many times slower), so training runs in float32")
+    try:
+        saved_ranks = restore(run, ckpt, args, world.rank, world.size) if ckpt is not None else None
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:  # a damaged or foreign file
+        raise UserError(f"{resume_path(args)} does not fit these networks ({type(e).__name__}: "
+                        f"{first_line(e)[:200]}): is it a checkpoint of train.py?") from None
+    if run.epoch >= args.n_epochs:
+        log(f"all {args.n_epochs} epochs of this run are done ({run.step} steps); "
+            f"to train longer, resume with a larger --n_epochs")
+        return 0
+    log(start_line(run, ckpt, args, world, saved_ranks))
+
+    # ---- The step: one function; DDP wraps its two losses, CUDA replays it as one graph ----
+    eager_step = make_step(run, args, world.ddp)
+    capture = world.device.type == "cuda" and not (args.eager or world.ddp or run.scaler.is_enabled())
+    fast_step = CudaGraphStep(eager_step) if capture else eager_step  # a smaller last batch runs eagerly
+    if world.device.type == "cuda" and not capture:
+        log("the step runs eagerly: " + ("--eager" if args.eager else "DDP" if world.ddp else "float16 loss scaling"))
+    loader = train_loader(dataset, args.batchSize, args.n_cpu, args.cuda, args.seed, world.rank, world.size)
+    logger = make_logger(args, world, run)
+    stopper = Stopper(world.control, world.rank)  # Ctrl-C / SIGTERM: finish the step, save, exit
+
+    # ---- The epochs: each ends with a checkpoint and the seed's four generator files ----
+    stopped, saved = False, True
+    for _ in range(run.epoch, args.n_epochs):
+        stopped, saved = train_epoch(run, args, world, loader, (fast_step, eager_step), logger, stopper)
+        if stopped:
+            break
+        if world.is_main:  # loadable by the seed's code and by test.py
+            for name, net in run.nets.items():
+                try_save(cpu_state(net), out / f"net{name}.pth")
+    logger.close()
+    finish(run, args, world, stopped, saved)
+    return 0
+
+
+def open_output(args, is_main):
+    """OUTPUT_DIR made and locked by rank 0, and the checkpoint to resume from (None for a new run), its flags
+    merged into args; the flags then checked."""
     out = Path(args.output_dir)
-    lock = lock_output_dir(out) if is_main and out.is_dir() else None  # held (open) until the process ends
-    ckpt = load_checkpoint(args)
+    lock = lock_output_dir(out) if is_main and out.is_dir() else None
+    ckpt = load_checkpoint(args, get_parser(), CHECKPOINT_TYPES)
     check_args(args, resuming=ckpt is not None)  # after the merge: a resumed run's flags with what was given anew
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(cannot_write(out, e)) from None
-    lock = lock or (lock_output_dir(out) if is_main else None)
-    log = print if is_main else (lambda *a, **k: None)
+    return out, lock or (lock_output_dir(out) if is_main else None), ckpt
 
-    if args.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read at cuBLAS's first call
-        torch.use_deterministic_algorithms(True)
-        torch.utils.deterministic.fill_uninitialized_memory = False  # NaN-filling every empty(): no row is read unwritten
-    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = not args.deterministic, args.deterministic
-    device, control = torch.device("cuda" if args.cuda else "cpu"), None
-    if ddp:
-        if args.cuda:
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if args.cuda else "gloo")
-        control = dist.new_group(backend="gloo")  # stop requests and checkpoint gathering, on the CPU
-    if args.seed is None:
-        seed = [int.from_bytes(os.urandom(4), "little")]
-        if ddp:
-            dist.broadcast_object_list(seed, src=0, group=control)  # one seed for all ranks
-        args.seed = seed[0]
-    seed_everything(args.seed)
 
-    # ---- Networks, optimizers, precision, replay buffers; a checkpoint's state put into them ----
-    run = build(args, device, rank)
-    if args.amp and run.dtype is None:
-        log("--amp: this CPU has no bfloat16 units (bfloat16 would be many times slower), so training runs in float32")
-    nets, optimizer_G, optimizer_D, scaler = run.nets, run.optimizer_G, run.optimizer_D, run.scaler
-    fake_A_buffer, fake_B_buffer = run.buffers
-    capture = device.type == "cuda" and not (args.eager or ddp or scaler.is_enabled())
-    try:
-        saved_ranks = restore(run, ckpt, rank, device) if ckpt is not None else None
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:  # a damaged or foreign file
-        raise UserError(f"{args.resume if args.resume != 'latest' else out / 'checkpoint.pth'} does not fit these "
-                        f"networks ({type(e).__name__}: {first_line(e)[:200]}): is it a checkpoint of train.py?") from None
-
+def open_dataset(args, log):
+    """The training split; files that cannot be images are left out, and named."""
     try:
         dataset = ImageDataset(args.dataroot, args.size, args.input_nc, args.output_nc, seed=args.seed)
     except ValueError as e:
         raise UserError(e) from None
     if dataset.skipped:
         log(skipped_summary(dataset.skipped), file=sys.stderr)
-    seen_bad = set()  # files that failed to decode, each reported once (workers cannot know what others saw)
-    steps_per_epoch = math.ceil(math.ceil(len(dataset) / world_size) / args.batchSize)
-    step, start_epoch, start_sample, seconds = 0, args.epoch, 0, 0.0
-    if ckpt is not None:
-        step, seconds = ckpt["step"], ckpt["seconds"]
-        # Where in the data: (epoch, samples of it taken by all ranks); older checkpoints count steps of one process.
-        start_epoch, start_sample = ckpt.get("position", divmod(step, steps_per_epoch))
-        start_sample *= 1 if "position" in ckpt else args.batchSize
-        if start_epoch >= args.n_epochs:
-            log(f"all {args.n_epochs} epochs of this run are done ({step} steps); "
-                f"to train longer, resume with a larger --n_epochs")
-            return 0
-        if saved_ranks != world_size:
-            log(f"the run had {saved_ranks} process(es), this one has {world_size}: ranks beyond the run's "
-                f"start with empty replay buffers, and each epoch now takes {steps_per_epoch} steps")
-        log(f"resuming from epoch {start_epoch + 1}, step {step} (seed {args.seed})")
-    elif args.epoch:
-        log(f"--epoch {args.epoch}: a NEW run whose learning-rate schedule starts at epoch {args.epoch}; "
-            f"to continue a run use --resume")
-    else:
-        log(f"new run, seed {args.seed}" + f", {world_size} processes" * ddp)
-    for group in optimizer_G.param_groups + optimizer_D.param_groups:
-        group["initial_lr"] = args.lr
-    lr_lambda = linear_decay(args.n_epochs, args.decay_epoch)
-    lr_scheduler_G = torch.optim.lr_scheduler.LambdaLR(optimizer_G, lr_lambda, last_epoch=start_epoch - 1)
-    lr_scheduler_D = torch.optim.lr_scheduler.LambdaLR(optimizer_D, lr_lambda, last_epoch=start_epoch - 1)
-    if ckpt is not None:
-        lr_scheduler_G.load_state_dict(ckpt["lr_scheduler_G"])
-        lr_scheduler_D.load_state_dict(ckpt["lr_scheduler_D"])
+    return dataset
 
-    # ---- The step: one function; DDP wraps its two losses, CUDA replays it as one graph ----
-    eager_step = make_step(run, args, ddp)
-    fast_step = CudaGraphStep(eager_step) if capture else eager_step  # a smaller last batch runs eagerly
-    if device.type == "cuda" and not capture:
-        log("the step runs eagerly: " + ("--eager" if args.eager else "DDP" if ddp else "float16 loss scaling"))
 
-    sampler = EpochSampler(len(dataset), args.seed, rank, world_size)
-    workers = loader_workers(args.n_cpu, len(dataset))
-    # Workers ignore Ctrl-C / SIGTERM so the main process can finish its step and save; their own
-    # generator keeps the loader from drawing on the global torch RNG.
-    loader = DataLoader(dataset, batch_size=args.batchSize, sampler=sampler, num_workers=workers,
-                        pin_memory=args.cuda, worker_init_fn=ignore_signals, generator=torch.Generator(),
-                        persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+def start_line(run, ckpt, args, world, saved_ranks):
+    """What starts: a resumed run (and what a new number of processes changes), or a new one."""
+    if ckpt is None:
+        return (f"--epoch {args.epoch}: a NEW run whose learning-rate schedule starts at epoch {args.epoch}; to continue "
+                f"a run use --resume" if args.epoch else f"new run, seed {args.seed}" + f", {world.size} processes" * world.ddp)
+    line = f"resuming from epoch {run.epoch + 1}, step {run.step} (seed {args.seed})"
+    if saved_ranks != world.size:
+        line = (f"the run had {saved_ranks} process(es), this one has {world.size}: ranks beyond the run's start with "
+                f"empty replay buffers, and each epoch now takes {steps_per_epoch(run, args, world.size)} steps\n{line}")
+    return line
+
+
+def steps_per_epoch(run, args, world_size):
+    """Steps of each process per epoch: the epoch's samples shared out over the ranks, then batched."""
+    return math.ceil(math.ceil(run.epoch_size / world_size) / args.batchSize)
+
+
+def make_logger(args, world, run):
+    """losses.csv, progress lines and visdom, on rank 0; the losses shown are means over all ranks."""
+    out = Path(args.output_dir)
     env = args.display_env or f"{Path(args.dataroot.rstrip('/')).name}_{out.resolve().name}"
-    plotter = None if args.no_visdom or not is_main else VisdomPlotter(args.display_server, args.display_port, env, LOSS_NAMES)
-    average = (lambda x: (dist.all_reduce(x), x / world_size)[1]) if ddp else None  # losses shown: mean over ranks
-    logger = Logger(out if is_main else None, LOSS_NAMES, args.batchSize * world_size, steps_per_epoch * args.n_epochs,
-                    step, seconds, plotter, window=args.display_freq, average=average)
+    plotter = None if args.no_visdom or not world.is_main else VisdomPlotter(args.display_server, args.display_port, env, LOSS_NAMES)
+    average = (lambda x: (dist.all_reduce(x), x / world.size)[1]) if world.ddp else None
+    return Logger(out if world.is_main else None, LOSS_NAMES, args.batchSize * world.size,
+                  steps_per_epoch(run, args, world.size) * args.n_epochs, run.step, run.seconds, plotter,
+                  window=args.display_freq, average=average)
 
-    def save_checkpoint(position, epochs_done):
-        """Everything the run needs to continue bit for bit, in one atomically written file by rank 0 (every rank's
-        replay buffers and random states gathered to it); False if the write failed."""
-        mine = {"fake_A_buffer": fake_A_buffer.state_dict(), "fake_B_buffer": fake_B_buffer.state_dict(),
-                "rng": rng_state(device.type == "cuda")}
-        ranks = [mine]
-        if ddp:
-            ranks = [None] * world_size if is_main else None
-            dist.gather_object(mine, ranks, dst=0, group=control)
-        ok = True
-        if is_main:
-            state = {**{name: cpu_state(net) for name, net in nets.items()},
-                     "optimizer_G": optimizer_G.state_dict(), "optimizer_D": optimizer_D.state_dict(),
-                     "lr_scheduler_G": lr_scheduler_G.state_dict(), "lr_scheduler_D": lr_scheduler_D.state_dict(),
-                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                     **{k: [r[k] for r in ranks] for k in mine},
-                     "step": step, "position": list(position), "epoch": epochs_done,
-                     "world_size": world_size, "seconds": logger.seconds(), "args": vars(args)}
-            ok = try_save(state, out / "checkpoint.pth")
-        if ddp:
-            dist.barrier(group=control)  # the others wait for the save
-        return ok
 
-    saved, stop = True, []  # SIGINT/SIGTERM: finish the step, save, exit; a second Ctrl-C exits at once
-
-    def request_stop(signum, frame):
-        name = signal.Signals(signum).name
-        if stop and name == "SIGINT" == stop[0]:  # not SIGTERM: torchrun sends one on Ctrl-C after the SIGINT
-            print("quitting without saving", file=sys.stderr)
-            raise SystemExit(130)
-        if not stop:
-            stop.append(name)
-            print(f"\n{name}: stopping after this step (Ctrl-C again to quit without saving)", file=sys.stderr)
-
-    launcher = os.getppid()  # torchrun: its workers run in their own sessions and would outlive it
-
-    def stop_requested():
-        """Whether to stop after this step: a signal here or, under DDP, on any rank (all stop after the same step)."""
-        if not ddp:
-            return bool(stop)
-        if os.getppid() != launcher and not stop:
-            stop.append("launcher gone")
-            print(f"rank {rank}: torchrun (pid {launcher}) is gone: stopping after this step", file=sys.stderr)
-        flag = torch.tensor([int(bool(stop))])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control)
-        return bool(flag.item())
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-
-    stopped = False
-    for epoch in range(start_epoch, args.n_epochs):
-        sampler.set_epoch(epoch, start_sample)
-        n_steps = len(loader)  # this epoch's steps from here on, the same on every rank
-        logger.begin_epoch(epoch, args.n_epochs, steps_per_epoch - n_steps, steps_per_epoch)
-        for i, batch in enumerate(loader, 1):
-            for line in new_bad_files(batch["bad"], seen_bad):
-                print(f"{line}; replaced by another image", file=sys.stderr)
-            real_A, real_B, choices_A, choices_B = to_device(batch, run.buffers, device, run.memory_format)
-            step_fn = fast_step if len(real_A) == args.batchSize else eager_step
-            losses, (fake_A, fake_B, rec_A, rec_B) = step_fn(real_A, real_B, choices_A, choices_B)
-            step += 1
-            logger.step(losses)
-
-            epoch_end = i == n_steps
-            position = (epoch + 1, 0) if epoch_end else (epoch, start_sample + i * args.batchSize * world_size)
-            epochs_done = position[0] + position[1] / len(dataset)
-            stopped = stop_requested()
-            save_now = epoch_end or stopped or (args.save_freq and step % args.save_freq == 0)
-            if step % args.display_freq == 0 or save_now:
-                images = {"real_A": real_A[0], "fake_B": fake_B[0], "rec_A": rec_A[0],
-                          "real_B": real_B[0], "fake_A": fake_A[0], "rec_B": rec_B[0]}
-                try:  # checks every loss is finite, before anything is saved
-                    logger.flush(step, epochs_done, args.lr * lr_lambda(lr_scheduler_G.last_epoch), images)
-                except FloatingPointError as e:
-                    logger.close()
-                    kept = (f"{out / 'checkpoint.pth'} holds the last good state" if (out / "checkpoint.pth").exists()
-                            else "no checkpoint had been written yet")
-                    raise UserError(f"{e}; stopped without saving: {kept} (try a lower --lr, or drop --amp)") from None
-            if epoch_end:
-                lr_scheduler_G.step()
-                lr_scheduler_D.step()
-            if save_now:
-                saved = save_checkpoint(position, epochs_done)
-            if stopped:
-                break
-        logger.end_epoch()
-        start_sample = 0
+def train_epoch(run, args, world, loader, steps, logger, stopper):
+    """Train from the run's position to the end of its epoch, or to a stop; checkpoint at the end, at a stop and every
+    --save_freq steps. Returns (stopped, whether the last checkpoint was written)."""
+    fast_step, eager_step = steps
+    epoch, start, per_epoch = run.epoch, run.sample, steps_per_epoch(run, args, world.size)
+    loader.sampler.set_epoch(epoch, start)
+    n_steps = len(loader)  # this epoch's steps from here on, the same on every rank
+    logger.begin_epoch(epoch, args.n_epochs, per_epoch - n_steps, per_epoch)
+    stopped, saved = False, True
+    for i, batch in enumerate(loader, 1):
+        logger.report_bad(batch["bad"])
+        real_A, real_B, choices_A, choices_B = to_device(batch, run.buffers, run.device, run.memory_format)
+        step = fast_step if len(real_A) == args.batchSize else eager_step
+        losses, (fake_A, fake_B, rec_A, rec_B) = step(real_A, real_B, choices_A, choices_B)
+        logger.step(losses)
+        epoch_end = i == n_steps
+        run.step += 1
+        run.epoch, run.sample = (epoch + 1, 0) if epoch_end else (epoch, start + i * args.batchSize * world.size)
+        stopped = stopper()
+        save_now = epoch_end or stopped or (args.save_freq and run.step % args.save_freq == 0)
+        if run.step % args.display_freq == 0 or save_now:
+            images = {"real_A": real_A[0], "fake_B": fake_B[0], "rec_A": rec_A[0],
+                      "real_B": real_B[0], "fake_A": fake_A[0], "rec_B": rec_B[0]}
+            try:  # checks every loss is finite, before anything is saved
+                logger.flush(run.step, run.epoch + run.sample / run.epoch_size,
+                             args.lr * run.lr_lambda(run.lr_scheduler_G.last_epoch), images)
+            except FloatingPointError as e:
+                logger.close()
+                ckpt = Path(args.output_dir) / "checkpoint.pth"
+                kept = f"{ckpt} holds the last good state" if ckpt.exists() else "no checkpoint had been written yet"
+                raise UserError(f"{e}; stopped without saving: {kept} (try a lower --lr, or drop --amp)") from None
+        if epoch_end:
+            run.lr_scheduler_G.step()
+            run.lr_scheduler_D.step()
+        if save_now:
+            run.seconds = logger.seconds()
+            saved = save_checkpoint(run, args, world)
         if stopped:
             break
-        if is_main:  # the seed's four files, loadable by its code and by test.py
-            for name, net in nets.items():
-                try_save(cpu_state(net), out / f"net{name}.pth")
-    logger.close()
+    logger.end_epoch()
+    return stopped, saved
+
+
+def finish(run, args, world, stopped, saved):
+    """The run's last word: where its generators are, or how to continue it."""
+    out = Path(args.output_dir)
     if not saved:
-        raise UserError(f"the last checkpoint could not be written; free space in {out} and run: {resume_command(args)}")
-    if stopped:
-        log(f"stopped at step {step}; continue with:\n  {resume_command(args)}")
-    else:
-        log(f"done: {args.n_epochs} epochs, {step} steps; generators in {out}/netG_A2B.pth and netG_B2A.pth")
-    if ddp:
+        raise UserError(f"the last checkpoint could not be written; free space in {out} and run: "
+                        f"{resume_command(args)}")
+    if world.is_main:
+        print(f"stopped at step {run.step}; continue with:\n  {resume_command(args)}" if stopped else
+              f"done: {args.n_epochs} epochs, {run.step} steps; generators in {out}/netG_A2B.pth and netG_B2A.pth")
+    if world.ddp:
         dist.destroy_process_group()
-    return 0
-
-
-def try_save(obj, path):
-    """atomic_save that reports a failure (disk full, permissions) instead of raising: the old file stays whole."""
-    try:
-        atomic_save(obj, path)
-        return True
-    except OSError as e:
-        print(f"could not write {path} ({e}); the previous file is intact", file=sys.stderr)
-        return False
-
-
-def lock_output_dir(out):
-    """Hold an exclusive lock on OUTPUT_DIR/.lock while this process lives (the kernel drops it when the process
-    dies, however it dies); UserError naming the holder if another run has it."""
-    if fcntl is None:
-        return None
-    path = out / ".lock"
-    if path.is_symlink():  # planted: the lock file is ours to write, never a link's target
-        path.unlink()
-    try:
-        f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
-    except OSError as e:
-        raise UserError(cannot_write(out, e)) from None
-    try:
-        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a POSIX lock: loader workers (forks) do not inherit it
-    except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EAGAIN):
-            raise
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise UserError(f"{out} is in use by a running train.py ({holder}): wait for it, stop it, "
-                        f"or pick another --output_dir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    f.flush()
-    return f
-
-
-def ignore_signals(worker_id):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def stop_children():
-    """Kill the loader's worker processes: they ignore SIGTERM (see ignore_signals), so the exit handler of
-    multiprocessing, which terminates and then joins them, would wait forever after an error."""
-    if hasattr(signal, "SIGCHLD"):  # the loader's SIGCHLD handler would raise at the first death
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    children = multiprocessing.active_children()
-    for child in children:
-        child.kill()
-    for child in children:
-        child.join(5)
 
 
 def resume_command(args):

@@ -1,23 +1,25 @@
-"""Training helpers: replay buffer, LR schedule, checkpoints, seeding, and the loss logger
-(losses.csv, progress bar, and visdom plots that can never stall training)."""
-import csv
-import functools
+"""Training machinery: replay buffer, LR schedule, seeding, safe files and checkpoints, the CUDA-graph step, stopping."""
+import errno
+import multiprocessing
 import os
 import pickle
 import random
 import re
+import signal
+import socket
 import sys
-import threading
 import time
-import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
-import requests
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
-from tqdm import tqdm
+import torch.distributed as dist
+
+try:
+    import fcntl  # one run per output folder (POSIX; elsewhere not enforced)
+except ImportError:
+    fcntl = None
 
 
 class ReplayBuffer:
@@ -228,227 +230,269 @@ def loader_workers(n_cpu, n_items):
     return max(0, min(n_cpu, cpus, n_items))
 
 
-SAMPLE_ROWS = {"A": ["real_A", "fake_B", "rec_A"], "B": ["real_B", "fake_A", "rec_B"]}  # one row per domain
-SAMPLE_COLUMNS = ["real", "fake", "reconstructed"]
+# On --resume: flags left at their default take the run's saved value, except LOCAL_FLAGS: where to run, and where
+# data goes, come from this command line alone, never from a checkpoint file (which may be someone else's). RUN_FLAGS
+# may be given a new value; any other flag given with a new value is refused.
+LOCAL_FLAGS = {"cuda", "n_cpu", "output_dir", "resume", "eager", "display_server", "display_port", "display_env"}
+RUN_FLAGS = {"epoch", "n_epochs", "decay_epoch", "dataroot", "save_freq", "deterministic", "display_freq", "no_visdom"}
+ARCH_FLAGS = {"input_nc", "output_nc", "n_blocks"}
 
 
-def sample_grid(images, min_cell=128, pad=4):
-    """The six (3, h, w) uint8 samples as one labelled (3, H, W) picture: rows A and B, columns real / fake / rec."""
-    from torchvision.utils import make_grid  # here, in the plotter's thread: importing torchvision takes seconds
-    x = torch.stack([torch.from_numpy(images[n]) for names in SAMPLE_ROWS.values() for n in names])  # (6, 3, h, w)
-    scale = -(-min_cell // min(x.shape[2:]))  # a 32 px crop is narrower than its label: enlarge, pixels kept sharp
-    if scale > 1:
-        x = F.interpolate(x, scale_factor=scale, mode="nearest")
-    h, w = x.shape[2:]
-    grid = Image.fromarray(make_grid(x, nrow=3, padding=pad, pad_value=255).permute(1, 2, 0).numpy())
-    font = ImageFont.load_default(size=max(14, w // 12))
-    text_h = font.getbbox("Ag")[3]
-    top, left = 2 * text_h, 2 * text_h
-    canvas = Image.new("RGB", (left + grid.width, top + grid.height), "white")
-    canvas.paste(grid, (left, top))
-    draw = ImageDraw.Draw(canvas)
-    for j, label in enumerate(SAMPLE_COLUMNS):
-        cx = left + pad + j * (w + pad) + w / 2
-        draw.text((cx - draw.textlength(label, font) / 2, (top - text_h) / 2), label, "black", font)
-    for i, label in enumerate(SAMPLE_ROWS):
-        cy = top + pad + i * (h + pad) + h / 2
-        draw.text(((left - draw.textlength(label, font)) / 2, cy - text_h / 2), label, "black", font)
-    return np.asarray(canvas).transpose(2, 0, 1)
+class UserError(Exception):
+    """A mistake the user can fix: printed as one line, no traceback."""
 
 
-class Logger:
-    """Keeps each step's losses on the device and, once per display interval, averages them (one sync), appends a
-    row to losses.csv, updates the progress bar (or prints a line when stderr is not a terminal) and hands the
-    history to the visdom plotter. A non-finite loss raises FloatingPointError naming the loss and the step.
-
-    output_dir None: a quiet logger (DDP ranks other than 0) that still averages and checks. average: a function
-    that averages a (steps, losses) tensor over processes (DDP), applied before anything else."""
-
-    def __init__(self, output_dir, names, batch_size, total_steps, step=0, seconds=0.0, plotter=None,
-                 window=100, average=None):
-        self.path = output_dir and Path(output_dir) / "losses.csv"
-        self.names, self.batch_size, self.total_steps, self.plotter = names, batch_size, total_steps, plotter
-        self.columns = ["step", "epoch", *names, "lr", "seconds"]
-        self.rows = self._read_history(step) if self.path else []
-        self.window, self.pending, self.last_step, self.average = window, None, step, average
-        self.k = 0  # steps logged in the current interval
-        self.t_start, self.t_last = time.time() - seconds, time.time()
-        self.tty = sys.stderr.isatty() and self.path is not None
-        self.bar = None
-
-    def _read_history(self, step):
-        """The rows up to `step`: rows a killed run logged after its last checkpoint are redone, so dropped."""
-        rows = []
-        if self.path.exists() and step > 0:
-            with open(self.path, newline="") as f:
-                rows = [{k: int(v) if k == "step" else float(v) for k, v in r.items()}
-                        for r in csv.DictReader(f) if int(r["step"]) <= step]
-        elif self.path.exists():  # a fresh run: keep the old file under another name
-            self.path.rename(self.path.with_name(f"losses.{int(self.path.stat().st_mtime)}.csv"))
-        tmp = self.path.with_name("losses.csv.tmp")
-        with open_new(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, self.columns)
-            writer.writeheader()
-            writer.writerows({k: r.get(k, float("nan")) for k in self.columns} for r in rows)
-        os.replace(tmp, self.path)
-        return rows
-
-    def seconds(self):
-        """Training time of the whole run, over resumes."""
-        return time.time() - self.t_start
-
-    def begin_epoch(self, epoch, n_epochs, done, steps_per_epoch):
-        self.bar = tqdm(total=steps_per_epoch, initial=done, desc=f"epoch {epoch + 1}/{n_epochs}", unit="step",
-                        disable=not self.tty, dynamic_ncols=True, leave=False)
-
-    def step(self, losses):
-        """losses: (len(names),) tensor, copied into a device buffer: one kernel, no sync."""
-        if self.pending is None or self.k == len(self.pending):
-            grown = losses.new_empty((max(self.window, 2 * self.k), len(self.names)), dtype=torch.float32)
-            if self.pending is not None:
-                grown[:self.k] = self.pending
-            self.pending = grown
-        self.pending[self.k].copy_(losses.detach())
-        self.k += 1
-        self.bar.update(1)
-
-    def flush(self, step, epoch, lr, images=None):
-        """Close the interval ending at `step` (epoch: fractional epochs done); images: name -> (C, H, W) tensor."""
-        if not self.k:
-            return
-        values = self.pending[:self.k]  # (steps, losses)
-        values = (self.average(values) if self.average else values).cpu()
-        self.k = 0
-        bad = ~torch.isfinite(values)
-        if bad.any():
-            k, j = bad.nonzero()[0].tolist()
-            raise FloatingPointError(f"{self.names[j]} became {values[k, j].item()} at step {self.last_step + k + 1}")
-        now = time.time()
-        row = {"step": step, "epoch": epoch, **dict(zip(self.names, values.mean(0).tolist())), "lr": lr,
-               "seconds": round(self.seconds(), 3)}
-        speed = (step - self.last_step) / max(now - self.t_last, 1e-9)
-        self.last_step, self.t_last = step, now
-        if not self.path:
-            return
-        self.rows.append(row)
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, self.columns).writerow(row)
-        eta = time.strftime("%H:%M:%S", time.gmtime((self.total_steps - step) / speed))
-        stats = {"G": f"{row['loss_G']:.3f}", "D": f"{row['loss_D']:.3f}", "img/s": f"{speed * self.batch_size:.1f}", "eta": eta}
-        if self.tty:
-            self.bar.set_postfix(stats, refresh=False)
-        else:
-            print(f"epoch {epoch:.3f} step {step} " + " ".join(f"{k} {v}" for k, v in stats.items()), flush=True)
-        if self.plotter:  # images are copied off the device only when someone will see them
-            self.plotter.submit(self.rows, images and {k: tensor2image(v) for k, v in images.items()})
-
-    def end_epoch(self):
-        self.bar.close()
-
-    def close(self):
-        if self.bar:
-            self.bar.close()
-        if self.plotter:
-            self.plotter.close()
+def adam(params, lr, device, lr_tensor):
+    """The paper's Adam, fused into one kernel. lr_tensor: the lr is a tensor on the device that the schedule fills in
+    place, so a captured CUDA graph reads every new value (and needs the step counts on the device: capturable)."""
+    optimizer = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999), fused=True, capturable=lr_tensor)
+    if lr_tensor:  # set after construction: Adam's check of lr >= 0 would read a device tensor back
+        optimizer.param_groups[0]["lr"] = torch.tensor(lr, device=device)
+    return optimizer
 
 
-class VisdomPlotter:
-    """Plots the loss history and the sample grid in visdom from a background thread.
-
-    The training thread only hands over a reference to the history; every request has a timeout. A server that
-    is down, slow or restarted costs one warning line, and as soon as it answers it is sent the whole history."""
-
-    MARKER = "run"  # a small text window: when it is missing the server is new and gets everything again
-
-    def __init__(self, server, port, env, names, timeout=5.0, verbose=True):
-        self.server, self.port, self.env, self.names, self.timeout = server, port, env, names, timeout
-        self.rows, self.n_rows, self.images = [], 0, None
-        self.sent, self.sent_epochs, self.vis, self.up, self.verbose = 0, 0, None, None, verbose
-        self.lock, self.wake, self.closing = threading.Lock(), threading.Event(), False
-        self.thread = threading.Thread(target=self._run, name="visdom", daemon=True)
-        self.thread.start()
-        self.wake.set()  # connect now, so a missing server is reported at start
-
-    def submit(self, rows, images=None):
-        with self.lock:
-            self.rows, self.n_rows = rows, len(rows)  # rows is append-only: rows[:n_rows] is stable
-            self.images = images if images is not None else self.images
-        self.wake.set()
-
-    def close(self, wait=10.0):
-        """Send what is pending, waiting at most `wait` seconds."""
-        self.closing = True
-        self.wake.set()
-        self.thread.join(wait)
-
-    def _run(self):
-        while True:
-            self.wake.wait()
-            self.wake.clear()
-            closing = self.closing
-            try:
-                self._update()
-                if self.up is False and self.verbose:
-                    tqdm.write(f"visdom: {self.server}:{self.port} answers now; sent the whole history to env '{self.env}'")
-                self.up = True
-            except Exception as e:
-                if self.up is not False and self.verbose:
-                    tqdm.write(f"visdom: cannot reach {self.server}:{self.port} ({type(e).__name__}); training goes on, "
-                               f"and the plots catch up once the server answers (python -m visdom.server)")
-                self.up = False
-            if closing:
-                return
-
-    def _connect(self):
-        from visdom import Visdom
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            vis = Visdom(self.server, port=self.port, env=self.env, send=False, use_incoming_socket=False,
-                         raise_exceptions=True)
-        session = requests.Session()
-        # The client sets no timeout: one dropped connection would hang its thread for good.
-        session.request = functools.partial(session.request, timeout=self.timeout)
-        vis._session, vis.send = session, True
-        return vis
-
-    def _update(self):
-        self.vis = self.vis or self._connect()
-        with self.lock:
-            rows, images = self.rows[:self.n_rows], self.images
-        if self.env not in self.vis.get_env_list() or not self.vis.win_exists(self.MARKER, env=self.env):
-            self.sent = self.sent_epochs = 0
-        if self.sent == 0 and rows:
-            self.vis.text(f"CycleGAN run: {self.env}", win=self.MARKER, env=self.env)
-        new = rows[self.sent:]
-        epochs = epoch_means(rows, self.names + ["lr"])
-        for name in self.names + ["lr"]:
-            if new:
-                opts = dict(title=name, xlabel="epoch", showlegend=True)
-                if name == "lr":  # plotly centres a constant line in [lr - 1, lr + 1], where its tick reads 0
-                    top = 1.1 * max(r["lr"] for r in rows) or 1.0  # the schedule never raises lr: set once per window
-                    opts["layoutopts"] = {"plotly": {"yaxis": {"range": [0, top], "tickformat": "~g"}}}  # 0.0002
-                self.vis.line(X=np.array([r["epoch"] for r in new]), Y=np.array([r[name] for r in new]), win=name,
-                              env=self.env, name="interval mean", update="append" if self.sent else None, opts=opts)
-            if len(epochs) > self.sent_epochs and name != "lr":
-                done = epochs[self.sent_epochs:]
-                self.vis.line(X=np.array([e for e, _ in done]), Y=np.array([m[name] for _, m in done]), win=name,
-                              env=self.env, name="epoch mean", update="append")
-        self.sent, self.sent_epochs = len(rows), len(epochs)
-        if images and rows:
-            grid = sample_grid(images)  # built here, not in the training thread
-            self.vis.image(grid, win="samples", env=self.env, opts=dict(
-                title=f"samples at step {rows[-1]['step']} (epoch {rows[-1]['epoch']:.2f})",
-                caption="row A: real_A, fake_B = G_A2B(real_A), rec_A = G_B2A(fake_B); row B: the same from B",
-                width=grid.shape[2] + 20, height=grid.shape[1] + 60))
+def load_optimizer(optimizer, state):
+    """Load a saved Adam state under this run's settings (fused, capturable, lr type), whichever device saved it."""
+    ours = optimizer.param_groups
+    groups = [{**saved, **{k: g[k] for k in ("fused", "capturable", "foreach", "lr")}}
+              for saved, g in zip(state["param_groups"], ours)]
+    optimizer.load_state_dict({**state, "param_groups": groups})
+    for p, s in optimizer.state.items():  # moments in the parameter's memory format (channels_last on CUDA)
+        s.update({k: torch.empty_like(p).copy_(v) for k, v in s.items() if torch.is_tensor(v) and v.shape == p.shape})
 
 
-def epoch_means(rows, names):
-    """[(epoch number, {name: mean over its steps})] for every finished epoch in the history rows."""
-    means, start, prev_step = [], 0, 0
-    for i, r in enumerate(rows):
-        if r["epoch"] == int(r["epoch"]) and r["epoch"] > 0:  # the row that closes an epoch
-            chunk = rows[start:i + 1]
-            steps = np.diff([prev_step] + [c["step"] for c in chunk])
-            means.append((r["epoch"], {n: float(np.average([c[n] for c in chunk], weights=steps)) for n in names}))
-            start, prev_step = i + 1, r["step"]
-    return means
+def cpu_state(net):
+    """A plain fp32 state_dict on the CPU in the default memory format: the seed's format, loadable anywhere."""
+    return {k: v.detach().to("cpu", memory_format=torch.contiguous_format) for k, v in unwrap(net).state_dict().items()}
+
+
+def try_save(obj, path):
+    """atomic_save that reports a failure (disk full, permissions) instead of raising: the old file stays whole."""
+    try:
+        atomic_save(obj, path)
+        return True
+    except OSError as e:
+        print(f"could not write {path} ({e}); the previous file is intact", file=sys.stderr)
+        return False
+
+
+def lock_output_dir(out):
+    """Hold an exclusive lock on OUTPUT_DIR/.lock while this process lives (the kernel drops it when the process
+    dies, however it dies); UserError naming the holder if another run has it."""
+    if fcntl is None:
+        return None
+    path = out / ".lock"
+    if path.is_symlink():  # planted: the lock file is ours to write, never a link's target
+        path.unlink()
+    try:
+        f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
+    except OSError as e:
+        raise UserError(cannot_write(out, e)) from None
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a POSIX lock: loader workers (forks) do not inherit it
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"{out} is in use by a running train.py ({holder}): wait for it, stop it, "
+                        f"or pick another --output_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
+
+
+class Stopper:
+    """Where a run stops early. SIGINT or SIGTERM: finish the step, save, exit; a second Ctrl-C: quit at once without
+    saving. Under torchrun (group: a gloo process group) every rank stops after the same step, and a rank whose
+    launcher is gone stops too: torchrun's workers run in their own sessions and would outlive it."""
+
+    def __init__(self, group=None, rank=0):
+        self.reason, self.group, self.rank, self.launcher = None, group, rank, os.getppid()
+        signal.signal(signal.SIGINT, self.request)
+        signal.signal(signal.SIGTERM, self.request)
+
+    def request(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.reason == name == "SIGINT":  # not SIGTERM: torchrun sends one on Ctrl-C after the SIGINT
+            print("quitting without saving", file=sys.stderr)
+            raise SystemExit(130)
+        if self.reason is None:
+            self.reason = name
+            print(f"\n{name}: stopping after this step (Ctrl-C again to quit without saving)", file=sys.stderr)
+
+    def __call__(self):
+        """Whether to stop after this step: asked here or, under DDP, on any rank."""
+        if self.group is None:
+            return self.reason is not None
+        if self.reason is None and os.getppid() != self.launcher:
+            self.reason = "launcher gone"
+            print(f"rank {self.rank}: torchrun (pid {self.launcher}) is gone: stopping after this step", file=sys.stderr)
+        flag = torch.tensor([int(self.reason is not None)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+
+def ignore_signals(worker_id):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def stop_children():
+    """Kill the loader's worker processes: they ignore SIGTERM (see ignore_signals), so the exit handler of
+    multiprocessing, which terminates and then joins them, would wait forever after an error."""
+    if hasattr(signal, "SIGCHLD"):  # the loader's SIGCHLD handler would raise at the first death
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    children = multiprocessing.active_children()
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(5)
+
+
+def to_device(batch, buffers, device, memory_format):
+    """A loader batch for the step: real_A, real_B on the device in the networks' layout, and both replay buffers'
+    draws for it (pinned on CUDA, so that their non-blocking copies do not wait for the host)."""
+    real_A, real_B = (batch[k].to(device, memory_format=memory_format, non_blocking=True) for k in "AB")
+    draws = [buffer.draw(len(real_A)) for buffer in buffers]
+    if device.type == "cuda":
+        draws = [d.pin_memory() for d in draws]
+    return real_A, real_B, *(d.to(device, non_blocking=True) for d in draws)
+
+
+class CudaGraphStep:
+    """`step` replayed as one CUDA graph on static input buffers: no Python or kernel-launch overhead per step.
+
+    The first `warmup` calls run eagerly on a side stream (cuDNN picks its kernels; optimizers and replay buffers
+    allocate their state), the next one captures the graph and replays it. Every call is a real training step. If the
+    capture fails, one line names the error and every step runs eagerly: capturing executes nothing, so the state
+    the eager step continues from is the state the capture started from."""
+
+    def __init__(self, step, warmup=3):
+        self.step, self.warmup, self.graph, self.eager = step, warmup, None, False
+
+    def __call__(self, *inputs):
+        if self.eager:
+            return self.step(*inputs)
+        if self.warmup > 0:
+            self.warmup -= 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.step(*inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if self.graph is None:
+            self.graph = self.capture(inputs)
+            if self.graph is None:
+                self.eager = True
+                return self.step(*inputs)
+        for static, x in zip(self.inputs, inputs):
+            static.copy_(x, non_blocking=True)
+        self.graph.replay()
+        return self.outputs
+
+    def capture(self, inputs):
+        """The captured graph, reading self.inputs and writing self.outputs; None (and one line why) if it failed."""
+        stream = torch.cuda.current_stream()
+        self.inputs = [x.clone() for x in inputs]
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: the loader's pin-memory thread may allocate while we capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.outputs = self.step(*self.inputs)
+            return graph
+        except Exception as e:
+            torch.cuda.set_stream(stream)  # a failed capture_end leaves the capture's side stream current
+            cause = e
+            while cause.__context__ is not None:  # the error inside the step, not the capture's own complaint about it
+                cause = cause.__context__
+            first = (str(cause).strip().splitlines() or [""])[0][:200]
+            print(f"CUDA graph capture failed ({type(cause).__name__}: {first}); the step runs eagerly from here on "
+                  f"(as with --eager)", file=sys.stderr)
+            self.inputs = self.outputs = None
+            return None
+
+
+def setup_processes(args):
+    """This process's place in the run (rank, device, torchrun's process groups), determinism, and one seed for all."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read at cuBLAS's first call
+        torch.use_deterministic_algorithms(True)
+        torch.utils.deterministic.fill_uninitialized_memory = False  # NaN-filling every empty(): no row is read unwritten
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = not args.deterministic, args.deterministic
+    device, control = torch.device("cuda" if args.cuda else "cpu"), None
+    if world_size > 1:
+        if args.cuda:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if args.cuda else "gloo")
+        control = dist.new_group(backend="gloo")  # stop requests and checkpoint gathering, on the CPU
+    if args.seed is None:
+        seed = [int.from_bytes(os.urandom(4), "little")]
+        if control:
+            dist.broadcast_object_list(seed, src=0, group=control)
+        args.seed = seed[0]
+    seed_everything(args.seed)
+    return SimpleNamespace(rank=rank, size=world_size, ddp=world_size > 1, is_main=rank == 0, device=device,
+                           control=control)
+
+
+def resume_path(args):
+    """The checkpoint --resume names: OUTPUT_DIR/checkpoint.pth, or PATH."""
+    return Path(args.output_dir) / "checkpoint.pth" if args.resume in (None, "latest") else Path(args.resume)
+
+
+def load_checkpoint(args, parser, types):
+    """The checkpoint to resume from (or None), with args merged: the run's flags unless given anew here. parser: the
+    script's; types: what a checkpoint must hold (key -> type)."""
+    path = resume_path(args)
+    if args.resume is None:
+        for existing in (path, path.with_name("netG_A2B.pth")):
+            if existing.exists():
+                raise UserError(f"{existing} holds a run already: continue it with --resume, "
+                                f"or pick another --output_dir")
+        return None
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path} to resume from" + (" (pass --output_dir of the run, or --resume PATH)"
+                                                                    if args.resume == "latest" else ""))
+    try:
+        ckpt = load_weights(path)
+    except ValueError as e:
+        raise UserError(f"{e}; --resume takes a checkpoint.pth written by train.py") from None
+    wrong = checkpoint_problem(ckpt, types, parser)
+    if wrong:
+        raise UserError(f"{path} is not a checkpoint of train.py: {wrong}")
+    saved = ckpt["args"]
+    defaults = vars(parser.parse_args([]))
+    given = {k for k, v in vars(args).items() if v != defaults[k]}
+    changed = {k for k in given - RUN_FLAGS - LOCAL_FLAGS if k in saved and getattr(args, k) != saved[k]}
+    if changed:
+        kind = "architecture" if changed & ARCH_FLAGS else "training"
+        raise UserError(f"{path} was trained with other {kind} flags: " +
+                        ", ".join(f"--{k} {saved[k]} (given {getattr(args, k)})" for k in sorted(changed)) +
+                        "; drop them to resume, or start a new run in another --output_dir")
+    for k in saved.keys() & defaults.keys() - given - LOCAL_FLAGS:
+        setattr(args, k, saved[k])
+    return ckpt
+
+
+def checkpoint_problem(ckpt, types, parser):
+    """What is wrong with a loaded checkpoint's layout (a missing key, a value of the wrong type), or None."""
+    if not isinstance(ckpt, dict):
+        return f"it holds a {type(ckpt).__name__}, not a dict"
+    for key, kind in types.items():
+        if key not in ckpt:
+            return f"it has no {key!r}"
+        if not isinstance(ckpt[key], kind) or isinstance(ckpt[key], bool):
+            return f"its {key!r} is a {type(ckpt[key]).__name__}"
+    kinds = {a.dest: a.type or type(a.const) for a in parser._actions if a.dest != "help"}
+    for key, value in ckpt["args"].items():
+        kind = kinds.get(key)
+        if kind and value is not None and type(value) is not kind and not (kind is float and type(value) is int):
+            return f"its flag {key} is {value!r}, not a {kind.__name__}"
+    return None

@@ -17,7 +17,7 @@ from test_visdom import free_port, start_server  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 from train import LOSS_NAMES  # noqa: E402
-from utils import Logger, VisdomPlotter  # noqa: E402
+from report import Logger, VisdomPlotter  # noqa: E402
 
 
 def per_step_ms(plotter, steps=2000, display_freq=100, size=256):

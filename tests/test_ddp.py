@@ -25,7 +25,7 @@ WRAPPER = r"""
 import hashlib, os, runpy, sys
 root, mode, out_file = sys.argv[1:4]
 sys.path.insert(0, root)
-import utils
+import report
 from torch.optim.optimizer import register_optimizer_step_post_hook
 rank = int(os.environ["RANK"])
 if mode == "hash":  # a digest of every weight after each step, one file per rank
@@ -42,13 +42,13 @@ if mode == "hash":  # a digest of every weight after each step, one file per ran
             log.flush()
     register_optimizer_step_post_hook(after)
 elif mode == "raise" and rank == 1:
-    step, calls = utils.Logger.step, []
+    step, calls = report.Logger.step, []
     def broken(self, losses):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("injected failure on rank 1")
         return step(self, losses)
-    utils.Logger.step = broken
+    report.Logger.step = broken
 sys.argv = [root + "/train.py"] + sys.argv[4:]
 try:
     runpy.run_path(root + "/train.py", run_name="__main__")

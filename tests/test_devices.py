@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import FAST, ROOT, make_dataset, run_script
 from datasets import EpochSampler, ImageDataset
 from models import Generator
+import utils
 from utils import ReplayBuffer, amp_dtype
 
 train = importlib.import_module("train")
@@ -86,9 +87,9 @@ def finished_run(tmp_path_factory):
 def test_train_set_up_restore_and_step_keep_every_tensor_on_the_device(finished_run, fused_adam_on_meta):
     data, out = finished_run
     args = train.get_parser().parse_args(["--dataroot", str(data), "--output_dir", str(out), "--resume", *FAST])
-    ckpt = train.load_checkpoint(args)  # merges the run's flags, as main does
+    ckpt = utils.load_checkpoint(args, train.get_parser(), train.CHECKPOINT_TYPES)  # merges the run's flags
     run = train.build(args, META)
-    assert train.restore(run, ckpt, 0, META) == 1
+    assert train.restore(run, ckpt, args) == 1
     assert run.buffers[0].n > 0 and run.buffers[0].data.is_meta and run.buffers[1].data.is_meta
 
     def placement():

@@ -18,7 +18,7 @@ RUN = [*FAST, "--size", "24", "--n_epochs", "2", "--n_cpu", "2"]
 INJECT = r"""
 import runpy, sys
 sys.path.insert(0, sys.argv[1])
-import datasets, utils
+import datasets, report
 where = sys.argv[2]
 if where == "worker":
     get = datasets.ImageDataset.__getitem__
@@ -28,13 +28,13 @@ if where == "worker":
         return get(self, key)
     datasets.ImageDataset.__getitem__ = broken
 elif where == "loop":
-    log_step, calls = utils.Logger.step, []
+    log_step, calls = report.Logger.step, []
     def broken(self, losses):
         calls.append(1)
         if len(calls) == 5:
             raise RuntimeError("injected loop failure")
         return log_step(self, losses)
-    utils.Logger.step = broken
+    report.Logger.step = broken
 elif where == "undecodable":
     datasets.not_an_image = lambda path, too_big=None: None
 root, sys.argv = sys.argv[1], ["train.py"] + sys.argv[3:]

@@ -20,6 +20,7 @@ from PIL import Image
 import downloads
 from conftest import FAST, QUICK, ROOT, make_dataset, run_script, write_image
 from downloads import download_dataset
+import utils
 from models import Generator
 from test_download import NAME, authors_zip, png, server  # noqa: F401 (fixture)
 
@@ -347,7 +348,7 @@ def test_damaged_or_foreign_checkpoints_are_one_line(tmp_path):
             continue
         args = train.get_parser().parse_args(["--resume", str(tmp_path / f"{name}.pth")])
         with pytest.raises(train.UserError, match=words.replace("(", r"\(").replace(")", r"\)")):
-            train.load_checkpoint(args)
+            utils.load_checkpoint(args, train.get_parser(), train.CHECKPOINT_TYPES)
     for name in ("empty", "nets_empty"):
         words = cases[name]
         r = run_script("train.py", "--resume", tmp_path / f"{name}.pth", "--dataroot", data, "--output_dir",

@@ -1,0 +1,250 @@
+"""What a person reads about a run: losses.csv, the progress line, and visdom plots that can never stall training."""
+import csv
+import functools
+import os
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import requests
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from datasets import new_bad_files
+from utils import open_new, tensor2image
+
+SAMPLE_ROWS = {"A": ["real_A", "fake_B", "rec_A"], "B": ["real_B", "fake_A", "rec_B"]}  # one row per domain
+SAMPLE_COLUMNS = ["real", "fake", "reconstructed"]
+
+
+def sample_grid(images, min_cell=128, pad=4):
+    """The six (3, h, w) uint8 samples as one labelled (3, H, W) picture: rows A and B, columns real / fake / rec."""
+    from torchvision.utils import make_grid  # here, in the plotter's thread: importing torchvision takes seconds
+    x = torch.stack([torch.from_numpy(images[n]) for names in SAMPLE_ROWS.values() for n in names])  # (6, 3, h, w)
+    scale = -(-min_cell // min(x.shape[2:]))  # a 32 px crop is narrower than its label: enlarge, pixels kept sharp
+    if scale > 1:
+        x = F.interpolate(x, scale_factor=scale, mode="nearest")
+    h, w = x.shape[2:]
+    grid = Image.fromarray(make_grid(x, nrow=3, padding=pad, pad_value=255).permute(1, 2, 0).numpy())
+    font = ImageFont.load_default(size=max(14, w // 12))
+    text_h = font.getbbox("Ag")[3]
+    top, left = 2 * text_h, 2 * text_h
+    canvas = Image.new("RGB", (left + grid.width, top + grid.height), "white")
+    canvas.paste(grid, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    for j, label in enumerate(SAMPLE_COLUMNS):
+        cx = left + pad + j * (w + pad) + w / 2
+        draw.text((cx - draw.textlength(label, font) / 2, (top - text_h) / 2), label, "black", font)
+    for i, label in enumerate(SAMPLE_ROWS):
+        cy = top + pad + i * (h + pad) + h / 2
+        draw.text(((left - draw.textlength(label, font)) / 2, cy - text_h / 2), label, "black", font)
+    return np.asarray(canvas).transpose(2, 0, 1)
+
+
+class Logger:
+    """Keeps each step's losses on the device and, once per display interval, averages them (one sync), appends a
+    row to losses.csv, updates the progress bar (or prints a line when stderr is not a terminal) and hands the
+    history to the visdom plotter. A non-finite loss raises FloatingPointError naming the loss and the step.
+
+    output_dir None: a quiet logger (DDP ranks other than 0) that still averages and checks. average: a function
+    that averages a (steps, losses) tensor over processes (DDP), applied before anything else."""
+
+    def __init__(self, output_dir, names, batch_size, total_steps, step=0, seconds=0.0, plotter=None,
+                 window=100, average=None):
+        self.path = output_dir and Path(output_dir) / "losses.csv"
+        self.names, self.batch_size, self.total_steps, self.plotter = names, batch_size, total_steps, plotter
+        self.columns = ["step", "epoch", *names, "lr", "seconds"]
+        self.rows = self._read_history(step) if self.path else []
+        self.window, self.pending, self.last_step, self.average = window, None, step, average
+        self.k = 0  # steps logged in the current interval
+        self.t_start, self.t_last = time.time() - seconds, time.time()
+        self.tty = sys.stderr.isatty() and self.path is not None
+        self.bar, self.seen_bad = None, set()  # files that failed to decode: each named once per run
+
+    def _read_history(self, step):
+        """The rows up to `step`: rows a killed run logged after its last checkpoint are redone, so dropped."""
+        rows = []
+        if self.path.exists() and step > 0:
+            with open(self.path, newline="") as f:
+                rows = [{k: int(v) if k == "step" else float(v) for k, v in r.items()}
+                        for r in csv.DictReader(f) if int(r["step"]) <= step]
+        elif self.path.exists():  # a fresh run: keep the old file under another name
+            self.path.rename(self.path.with_name(f"losses.{int(self.path.stat().st_mtime)}.csv"))
+        tmp = self.path.with_name("losses.csv.tmp")
+        with open_new(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.columns)
+            writer.writeheader()
+            writer.writerows({k: r.get(k, float("nan")) for k in self.columns} for r in rows)
+        os.replace(tmp, self.path)
+        return rows
+
+    def seconds(self):
+        """Training time of the whole run, over resumes."""
+        return time.time() - self.t_start
+
+    def begin_epoch(self, epoch, n_epochs, done, steps_per_epoch):
+        self.bar = tqdm(total=steps_per_epoch, initial=done, desc=f"epoch {epoch + 1}/{n_epochs}", unit="step",
+                        disable=not self.tty, dynamic_ncols=True, leave=False)
+
+    def step(self, losses):
+        """losses: (len(names),) tensor, copied into a device buffer: one kernel, no sync."""
+        if self.pending is None or self.k == len(self.pending):
+            grown = losses.new_empty((max(self.window, 2 * self.k), len(self.names)), dtype=torch.float32)
+            if self.pending is not None:
+                grown[:self.k] = self.pending
+            self.pending = grown
+        self.pending[self.k].copy_(losses.detach())
+        self.k += 1
+        self.bar.update(1)
+
+    def flush(self, step, epoch, lr, images=None):
+        """Close the interval ending at `step` (epoch: fractional epochs done); images: name -> (C, H, W) tensor."""
+        if not self.k:
+            return
+        values = self.pending[:self.k]  # (steps, losses)
+        values = (self.average(values) if self.average else values).cpu()
+        self.k = 0
+        bad = ~torch.isfinite(values)
+        if bad.any():
+            k, j = bad.nonzero()[0].tolist()
+            raise FloatingPointError(f"{self.names[j]} became {values[k, j].item()} at step {self.last_step + k + 1}")
+        now = time.time()
+        row = {"step": step, "epoch": epoch, **dict(zip(self.names, values.mean(0).tolist())), "lr": lr,
+               "seconds": round(self.seconds(), 3)}
+        speed = (step - self.last_step) / max(now - self.t_last, 1e-9)
+        self.last_step, self.t_last = step, now
+        if not self.path:
+            return
+        self.rows.append(row)
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.columns).writerow(row)
+        eta = time.strftime("%H:%M:%S", time.gmtime((self.total_steps - step) / speed))
+        stats = {"G": f"{row['loss_G']:.3f}", "D": f"{row['loss_D']:.3f}", "img/s": f"{speed * self.batch_size:.1f}", "eta": eta}
+        if self.tty:
+            self.bar.set_postfix(stats, refresh=False)
+        else:
+            print(f"epoch {epoch:.3f} step {step} " + " ".join(f"{k} {v}" for k, v in stats.items()), flush=True)
+        if self.plotter:  # images are copied off the device only when someone will see them
+            self.plotter.submit(self.rows, images and {k: tensor2image(v) for k, v in images.items()})
+
+    def report_bad(self, bad):
+        """Name each file of a batch's "bad" lines that failed to decode, the first time (workers cannot know what
+        others saw); every rank reports its own."""
+        for line in new_bad_files(bad, self.seen_bad):
+            print(f"{line}; replaced by another image", file=sys.stderr)
+
+    def end_epoch(self):
+        self.bar.close()
+
+    def close(self):
+        if self.bar:
+            self.bar.close()
+        if self.plotter:
+            self.plotter.close()
+
+
+class VisdomPlotter:
+    """Plots the loss history and the sample grid in visdom from a background thread.
+
+    The training thread only hands over a reference to the history; every request has a timeout. A server that
+    is down, slow or restarted costs one warning line, and as soon as it answers it is sent the whole history."""
+
+    MARKER = "run"  # a small text window: when it is missing the server is new and gets everything again
+
+    def __init__(self, server, port, env, names, timeout=5.0, verbose=True):
+        self.server, self.port, self.env, self.names, self.timeout = server, port, env, names, timeout
+        self.rows, self.n_rows, self.images = [], 0, None
+        self.sent, self.sent_epochs, self.vis, self.up, self.verbose = 0, 0, None, None, verbose
+        self.lock, self.wake, self.closing = threading.Lock(), threading.Event(), False
+        self.thread = threading.Thread(target=self._run, name="visdom", daemon=True)
+        self.thread.start()
+        self.wake.set()  # connect now, so a missing server is reported at start
+
+    def submit(self, rows, images=None):
+        with self.lock:
+            self.rows, self.n_rows = rows, len(rows)  # rows is append-only: rows[:n_rows] is stable
+            self.images = images if images is not None else self.images
+        self.wake.set()
+
+    def close(self, wait=10.0):
+        """Send what is pending, waiting at most `wait` seconds."""
+        self.closing = True
+        self.wake.set()
+        self.thread.join(wait)
+
+    def _run(self):
+        while True:
+            self.wake.wait()
+            self.wake.clear()
+            closing = self.closing
+            try:
+                self._update()
+                if self.up is False and self.verbose:
+                    tqdm.write(f"visdom: {self.server}:{self.port} answers now; sent the whole history to env '{self.env}'")
+                self.up = True
+            except Exception as e:
+                if self.up is not False and self.verbose:
+                    tqdm.write(f"visdom: cannot reach {self.server}:{self.port} ({type(e).__name__}); training goes on, "
+                               f"and the plots catch up once the server answers (python -m visdom.server)")
+                self.up = False
+            if closing:
+                return
+
+    def _connect(self):
+        from visdom import Visdom
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            vis = Visdom(self.server, port=self.port, env=self.env, send=False, use_incoming_socket=False,
+                         raise_exceptions=True)
+        session = requests.Session()
+        # The client sets no timeout: one dropped connection would hang its thread for good.
+        session.request = functools.partial(session.request, timeout=self.timeout)
+        vis._session, vis.send = session, True
+        return vis
+
+    def _update(self):
+        self.vis = self.vis or self._connect()
+        with self.lock:
+            rows, images = self.rows[:self.n_rows], self.images
+        if self.env not in self.vis.get_env_list() or not self.vis.win_exists(self.MARKER, env=self.env):
+            self.sent = self.sent_epochs = 0
+        if self.sent == 0 and rows:
+            self.vis.text(f"CycleGAN run: {self.env}", win=self.MARKER, env=self.env)
+        new = rows[self.sent:]
+        epochs = epoch_means(rows, self.names + ["lr"])
+        for name in self.names + ["lr"]:
+            if new:
+                opts = dict(title=name, xlabel="epoch", showlegend=True)
+                if name == "lr":  # plotly centres a constant line in [lr - 1, lr + 1], where its tick reads 0
+                    top = 1.1 * max(r["lr"] for r in rows) or 1.0  # the schedule never raises lr: set once per window
+                    opts["layoutopts"] = {"plotly": {"yaxis": {"range": [0, top], "tickformat": "~g"}}}  # 0.0002
+                self.vis.line(X=np.array([r["epoch"] for r in new]), Y=np.array([r[name] for r in new]), win=name,
+                              env=self.env, name="interval mean", update="append" if self.sent else None, opts=opts)
+            if len(epochs) > self.sent_epochs and name != "lr":
+                done = epochs[self.sent_epochs:]
+                self.vis.line(X=np.array([e for e, _ in done]), Y=np.array([m[name] for _, m in done]), win=name,
+                              env=self.env, name="epoch mean", update="append")
+        self.sent, self.sent_epochs = len(rows), len(epochs)
+        if images and rows:
+            grid = sample_grid(images)  # built here, not in the training thread
+            self.vis.image(grid, win="samples", env=self.env, opts=dict(
+                title=f"samples at step {rows[-1]['step']} (epoch {rows[-1]['epoch']:.2f})",
+                caption="row A: real_A, fake_B = G_A2B(real_A), rec_A = G_B2A(fake_B); row B: the same from B",
+                width=grid.shape[2] + 20, height=grid.shape[1] + 60))
+
+
+def epoch_means(rows, names):
+    """[(epoch number, {name: mean over its steps})] for every finished epoch in the history rows."""
+    means, start, prev_step = [], 0, 0
+    for i, r in enumerate(rows):
+        if r["epoch"] == int(r["epoch"]) and r["epoch"] > 0:  # the row that closes an epoch
+            chunk = rows[start:i + 1]
+            steps = np.diff([prev_step] + [c["step"] for c in chunk])
+            means.append((r["epoch"], {n: float(np.average([c[n] for c in chunk], weights=steps)) for n in names}))
+            start, prev_step = i + 1, r["step"]
+    return means
