@@ -4,16 +4,21 @@
     python test.py --dataroot datasets/demo --output_dir output/demo     # after train.py --output_dir output/demo
     python test.py --input photo.jpg --generator pretrained/horse2zebra.pth    # one image, or every image of a folder
     python test.py --input photos/ --generator output/netG_B2A.pth --direction BtoA
+    python test.py --dataroot datasets/horse2zebra --generator_A2B pretrained/horse2zebra.pth \
+        --generator_B2A pretrained/zebra2horse.pth --metrics           # + FID and KID against the real test images
 
 Data-root mode: test/A/x.jpg -> OUTPUT_DIR/B/x.png through G_A2B and test/B/y.jpg -> OUTPUT_DIR/A/y.png through
 G_B2A, with the cycle reconstructions in OUTPUT_DIR/rec_A/x.png and rec_B/y.png. --input mode: one generator, the
 same names, no reconstruction. Every image keeps its size; PNG copies of the sources go to OUTPUT_DIR/real_A (real_B),
 and OUTPUT_DIR/index.html shows each source beside its results. Unreadable images are reported and skipped.
+--metrics: FID and KID (metrics.py) of B/ against the real test/B and of A/ against test/A (--input mode: against
+--reference FOLDER), on the PNGs as written; printed, in OUTPUT_DIR/metrics.json and at the top of index.html.
 (Run it as a script; this file shadows Python's stdlib `test` package.)
 """
 import argparse
 import contextlib
 import html
+import json
 import math
 import sys
 from pathlib import Path
@@ -25,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
+import metrics
 from datasets import ImageFolder, domain_dir, fit_size, format_bad, list_images, load_image
 from models import load_generator
 from utils import amp_dtype, cannot_write, channels_problem, loader_workers, open_new, shown, to_uint8
@@ -51,6 +57,12 @@ def get_parser():
     p.add_argument("--max_size", type=int, default=None, help="scale images whose longer side is over MAX_SIZE px "
                                                                 "down to it (default: translate every image at its "
                                                                 "own size, skipping any that would not fit in memory)")
+    p.add_argument("--metrics", action="store_true", help="after translating: FID and KID against the real images "
+                                                         "of the target domain, into OUTPUT_DIR/metrics.json")
+    p.add_argument("--reference", type=str, default=None, metavar="FOLDER",
+                   help="with --input --metrics: the folder of real images (png/jpg/jpeg) to compare with")
+    p.add_argument("--fid_weights", type=str, default=None, metavar="PATH",
+                   help="with --metrics: a local Inception weights file (default: fetched once into torch.hub's cache)")
     return p
 
 
@@ -189,8 +201,9 @@ def main(args):
         value = getattr(args, flag)
         if value is not None and value < low:
             raise ValueError(f"--{flag} {value}: must be at least {low}")
-    if channels_problem(args):
-        raise ValueError(channels_problem(args))
+    for problem in (channels_problem(args), metrics_problem(args)):
+        if problem:
+            raise ValueError(problem)
     device = torch.device("cuda" if args.cuda else "cpu")
     layout, autocast = precision(device)
     out = Path(args.output_dir)
@@ -242,6 +255,8 @@ def main(args):
     print(f"results page: {out / 'index.html'}")
     if args.input is None:
         report_psnr(args, out, written_A)
+    if args.metrics:
+        report_metrics(args, out, jobs, sections, skipped)
     return 0
 
 
@@ -251,11 +266,14 @@ PAGE_STYLE = ("body{font-family:sans-serif;margin:1em}table{border-collapse:coll
               "img{display:block;min-width:128px;max-width:min(30vw,512px);height:auto}")
 
 
-def write_index(path, sections, skipped):
-    """The results page: one table per direction, a row per source image with its PNG copy and results side by side.
-    Relative links and inline CSS only, so it opens from disk, and keeps working when the folder is moved."""
+def write_index(path, sections, skipped, scores=None):
+    """The results page: FID/KID first (with --metrics), then one table per direction, a row per source image with its
+    PNG copy and results side by side. Relative links and inline CSS only, so it opens from disk, and keeps working
+    when the folder is moved."""
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>CycleGAN results</title>"
              f"<style>{PAGE_STYLE}</style></head><body>\n<h1>CycleGAN results</h1>"]
+    if scores:
+        parts.append(scores_html(scores))
     for title, columns, rows in sections:
         parts.append(f"<h2>{html.escape(title)}</h2>\n<table><tr><th>file</th>"
                      + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>")
@@ -287,6 +305,72 @@ def report_psnr(args, out, written_A):
     if ours:
         print(f"PSNR of G_A2B(test/A) against test/truth_B: {np.mean(ours):.2f} dB "
               f"(do-nothing baseline, test/A itself: {np.mean(baseline):.2f} dB)")
+
+
+def metrics_problem(args):
+    """Why --metrics, --reference and --fid_weights cannot work as given, or None."""
+    if not args.metrics and (args.reference or args.fid_weights):
+        return "--reference and --fid_weights go with --metrics"
+    if args.input is None and args.reference is not None:
+        return "--reference goes with --input; in data-root mode the translations are compared with test/A and test/B"
+    if args.metrics and args.input is not None and args.reference is None:
+        return "--metrics with --input needs --reference FOLDER, a folder of real images of the target domain"
+    if args.reference is not None and not Path(args.reference).is_dir():
+        return f"--reference {shown(args.reference)} is not a folder: pass a folder of real images"
+    if args.fid_weights is not None and not Path(args.fid_weights).is_file():
+        return (f"--fid_weights {shown(args.fid_weights)} does not exist: pass the Inception weights file "
+                f"({metrics.hub_file().name})")
+    return None
+
+
+def report_metrics(args, out, jobs, sections, skipped):
+    """--metrics: FID and KID of each direction's translations (the PNGs as written) against the real images of its
+    target domain (their PNG copies in real_A/ real_B/, or --reference), printed as a table, written with the
+    protocol to OUTPUT_DIR/metrics.json, and put at the top of index.html."""
+    written = {job[0]: (job[4], rows) for job, (_, _, rows) in zip(jobs, sections)}  # source domain -> (G, rows)
+    scores = {}
+    for src, (G_path, rows) in written.items():
+        dst = "B" if src == "A" else "A"
+        if args.reference is not None:
+            real, real_name = args.reference, shown(args.reference)
+        else:  # the copies of test/dst: decoded as the generators saw them, only those that could be read
+            real, real_name = [out / paths[0] for _, paths in written[dst][1]], f"test/{dst} (as real_{dst}/)"
+        result = metrics.evaluate([out / paths[1] for _, paths in rows], real, cuda=args.cuda, weights=args.fid_weights)
+        scores[f"{src}2{dst}"] = {"generator": shown(G_path), "translated": f"{dst}/", "against": real_name, **result}
+    scores = {"protocol": metrics.protocol(weights=args.fid_weights), **scores}
+    with open_new(out / "metrics.json", "w", encoding="utf-8") as f:
+        json.dump(scores, f, indent=2)
+    weights = scores["protocol"]["weights"]
+    print(f"FID and KID ({scores['protocol']['library']} {scores['protocol']['version']}, "
+          f"{scores['protocol']['feature_extractor']} features), in {out / 'metrics.json'}:")
+    print("\n".join("  ".join(f"{c:<{w}}" for c, w in zip(row, (9, 10, 28, 8, 9, 14))).rstrip()
+                    for row in [SCORE_COLUMNS] + score_rows(scores)))
+    if weights and weights.get("same_as_library") is False:
+        print(f"note: {weights['file']} is not the Inception file torch-fidelity downloads (its sha256 differs): "
+              f"these numbers do not compare with papers' tables")
+    write_index(out / "index.html", sections, skipped, scores)
+
+
+SCORE_COLUMNS = ("direction", "translated", "against", "images", "FID", "KID ×100")
+
+
+def score_rows(scores):
+    """One row of text per direction of metrics.json: the SCORE_COLUMNS."""
+    return [(d, s["translated"], s["against"], f"{s['fake']['count']} / {s['real']['count']}", f"{s['fid']:.2f}",
+             f"{100 * s['kid_mean']:.2f} ± {100 * s['kid_std']:.2f}") for d, s in scores.items() if d != "protocol"]
+
+
+def scores_html(scores):
+    """The FID/KID table for the top of the page, with what was measured and a link to metrics.json."""
+    p = scores["protocol"]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in SCORE_COLUMNS)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in score_rows(scores))
+    weights = f", weights sha256 {p['weights']['sha256'][:12]}…" if p["weights"] else ""
+    about = (f"{p['library']} {p['version']}, {p['feature_extractor']} features{weights}; KID: {p['kid']['subsets']} "
+             f"subsets of {p['kid']['subset_size']} images, seed {p['kid']['seed']}; images: translated / real; "
+             f"lower is better")
+    return (f"<h2>FID and KID</h2>\n<table><tr>{head}</tr>{body}</table>\n<p>{html.escape(about)} "
+            f"(<a href=\"metrics.json\">metrics.json</a>)</p>")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,195 @@
+"""FID and KID of translated images against real ones, computed by torch-fidelity with the pytorch-fid protocol.
+
+    python test.py --dataroot datasets/horse2zebra --metrics           # B/ against real test/B, A/ against test/A
+    python test.py --input photos/ --metrics --reference zebras/        # any translations against any real images
+    python test.py --dataroot datasets/horse2zebra --metrics --fid_weights weights-inception-2015-12-05-6726825d.pth
+
+From Python (train.py during training):
+
+    import metrics
+    r = metrics.evaluate(fakes, "datasets/horse2zebra/test/B", cache_name="horse2zebra-test-B")
+    r["fid"], r["kid_mean"], r["kid_std"]             # fakes: uint8 (C, H, W) tensors, a folder or a Dataset
+    metrics.protocol()                                 # what was measured, for metrics.json
+
+FID uses torch-fidelity's "inception-v3-compat": the TF-Inception of pytorch-fid and TTUR (2048 pool features of
+images resized to 299 px as TensorFlow 1 resized them), so the numbers compare with papers' tables. KID is the
+unbiased MMD^2 with the polynomial kernel (x.y / d + 1)^3, mean and std over 100 subsets of min(1000, smaller set).
+"""
+import hashlib
+import os
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torch_fidelity
+from PIL import Image
+from torch.utils.data import Dataset
+from torch_fidelity.datasets import ImagesPathDataset
+from torch_fidelity.defaults import DEFAULTS
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+from torch_fidelity.utils import glob_samples_paths
+
+from utils import first_line, load_weights, shown
+
+INCEPTION = "inception-v3-compat"
+# The extractor evaluate() and protocol() use unless told otherwise. Tests point it at a tiny extractor they
+# register with torch_fidelity.register_feature_extractor, so that nothing downloads Inception's 92 MB.
+EXTRACTOR = INCEPTION
+KID_SUBSET_SIZE = 1000  # at most: a smaller set sets it (the library refuses subsets larger than a set)
+KID_SUBSETS = DEFAULTS["kid_subsets"]  # 100
+KID_SEED = DEFAULTS["rng_seed"]  # the library's default, so our KID equals its command line's (fidelity --kid)
+
+
+def hub_file():
+    """Where torch.hub keeps the Inception weights the library downloads: TORCH_HOME/hub/checkpoints/NAME.pth."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(URL_INCEPTION_V3).path)
+
+
+def missing_weights(reason):
+    """The one line for Inception weights that are not on disk and could not be downloaded."""
+    return (f"FID/KID need the Inception weights, which are not in {shown(hub_file().parent)} and could not be "
+            f"downloaded ({reason}): fetch {URL_INCEPTION_V3} on a machine with internet and put it in that folder, "
+            f"or pass --fid_weights PATH")
+
+
+@lru_cache
+def _checked_sha256(path, size, mtime_ns):
+    """sha256 of a weights file, after checking that it holds tensors only (size and mtime key the cache)."""
+    load_weights(path)  # the library loads with weights_only=False: refuse pickled code before it does
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_sha256(path):
+    """sha256 of the weights file at path; ValueError, in one line, if it is missing or not plain tensors."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ValueError(f"--fid_weights {shown(path)} does not exist: pass the Inception weights file "
+                         f"({os.path.basename(hub_file())})") from None
+    return _checked_sha256(str(path), st.st_size, st.st_mtime_ns)
+
+
+def weights_file(extractor, weights):
+    """The file the extractor reads its weights from: `weights`, the hub's Inception file, or None (not known)."""
+    if weights is not None:
+        return Path(weights)
+    return hub_file() if extractor == INCEPTION else None
+
+
+class RGB(Dataset):
+    """uint8 (C, H, W) tensors (a list or a Dataset), gray ones repeated to 3 channels as PIL's convert("RGB")."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        x = self.items[i]
+        return x.expand(3, -1, -1) if x.shape[0] == 1 else x
+
+
+def as_dataset(images, which):
+    """A folder (its png/jpg/jpeg files, found as the library finds them), a list of files, or uint8 tensors ->
+    a Dataset of uint8 (3, H, W) tensors."""
+    if isinstance(images, (str, Path)):
+        if not Path(images).is_dir():
+            raise ValueError(f"{which} images: {shown(images)} is not a folder")
+        files = glob_samples_paths(str(images), False, DEFAULTS["samples_find_ext"], verbose=False)
+        if not files:
+            raise ValueError(f"{which} images: {shown(images)} holds no {DEFAULTS['samples_find_ext']} files")
+        return ImagesPathDataset(files)
+    if isinstance(images, (list, tuple)) and not all(torch.is_tensor(x) for x in images):
+        return ImagesPathDataset([str(p) for p in images])  # decoded by the library, convert("RGB")
+    return RGB(images)
+
+
+def sizes_of(data, which):
+    """{"WxH": count} of a Dataset from as_dataset: file headers only, or each tensor's shape (one pass)."""
+    sizes = {}
+    for i in range(len(data)):
+        if isinstance(data, ImagesPathDataset):
+            try:
+                with Image.open(data.files[i]) as img:
+                    w, h = img.size
+            except OSError as e:
+                raise ValueError(f"{which} image {shown(data.files[i])} cannot be read ({first_line(e)})") from None
+        else:
+            x = data.items[i]
+            if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() == 3 and x.shape[0] in (1, 3)):
+                raise ValueError(f"{which} images must be uint8 (C, H, W) tensors with 1 or 3 channels")
+            h, w = x.shape[-2:]
+        sizes[f"{w}x{h}"] = sizes.get(f"{w}x{h}", 0) + 1
+    return dict(sorted(sizes.items()))
+
+
+def evaluate(fake, real, *, cuda=False, cache_name=None, cache_root=None, weights=None, extractor=None):
+    """FID and KID of `fake` against `real` -> {fid, kid_mean, kid_std, kid_subset_size, fake: {count, sizes},
+    real: {count, sizes}}. Each set: a folder, a list of image files, or a list (or Dataset) of uint8 (C, H, W)
+    tensors. cache_name: keep the real set's features in the library's cache (cache_root, default
+    TORCH_HOME/fidelity_cache) under that name, so later calls extract the fakes only; the name must change when the
+    set does. torch's random streams are left as they were. ValueError, in one line, for what the user can fix."""
+    extractor = extractor or EXTRACTOR
+    data = {"fake": as_dataset(fake, "fake"), "real": as_dataset(real, "real")}
+    sets = {k: {"count": len(d), "sizes": sizes_of(d, k)} for k, d in data.items()}
+    for which, s in sets.items():
+        if s["count"] < 2:  # a covariance, and KID's unbiased estimate, need two images
+            raise ValueError(f"FID and KID need at least 2 images in each set; the {which} set has {s['count']}")
+    subset = min(KID_SUBSET_SIZE, sets["fake"]["count"], sets["real"]["count"])
+    if weights is not None:
+        sha = weights_sha256(weights)
+        cache_name = cache_name and f"{cache_name}-{sha[:16]}"  # other weights, other features
+    elif extractor == INCEPTION and hub_file().is_file():  # else the library downloads it (torch.hub says so)
+        weights_sha256(hub_file())
+    # Loader workers decode files in parallel; for tensors in memory, or a few files, starting them costs more.
+    workers = all(isinstance(d, ImagesPathDataset) and len(d) >= 256 for d in data.values())
+    one_size = len(sets["fake"]["sizes"]) == len(sets["real"]["sizes"]) == 1
+    kwargs = dict(input1=data["fake"], input2=data["real"], input2_cache_name=cache_name, cache=cache_name is not None,
+                  cache_root=cache_root, cuda=cuda, fid=True, kid=True, feature_extractor=extractor,
+                  feature_extractor_weights_path=None if weights is None else str(weights),
+                  kid_subsets=KID_SUBSETS, kid_subset_size=subset, rng_seed=KID_SEED, verbose=False,
+                  batch_size=64 if one_size else 1,  # the library's DataLoader stacks a batch: one size per batch
+                  save_cpu_ram=not workers)
+    # DataLoader iterators draw a seed from torch's generator: fork it, so that training's streams stay exact.
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
+        try:
+            r = torch_fidelity.calculate_metrics(**kwargs)
+        except OSError as e:  # urllib's errors are OSErrors: no network, a proxy, a missing release file
+            if extractor == INCEPTION and weights is None and not hub_file().is_file():
+                raise ValueError(missing_weights(first_line(e))) from None
+            raise
+        except RuntimeError as e:
+            if weights is not None and "state_dict" in str(e):
+                raise ValueError(f"--fid_weights {shown(weights)} is not a state_dict of {extractor} "
+                                 f"({first_line(e)[:200]})") from None
+            raise
+    return {"fid": r[torch_fidelity.KEY_METRIC_FID], "kid_mean": r[torch_fidelity.KEY_METRIC_KID_MEAN],
+            "kid_std": r[torch_fidelity.KEY_METRIC_KID_STD], "kid_subset_size": subset, **sets}
+
+
+def protocol(*, weights=None, extractor=None):
+    """What evaluate() measures, for metrics.json: library and version, feature extractor, its weights file (name,
+    sha256, and whether it is the file the library names), and KID's kernel, subsets and seed. The image counts,
+    sizes and KID subset size of each measurement are in evaluate()'s result."""
+    extractor = extractor or EXTRACTOR
+    cls = FEATURE_EXTRACTORS_REGISTRY[extractor]
+    path = weights_file(extractor, weights)
+    about = None
+    if path is not None and path.is_file():
+        sha = weights_sha256(path)
+        about = {"file": path.name, "sha256": sha}
+        if extractor == INCEPTION:  # torch.hub's convention: the file name carries the first digits of its sha256
+            prefix = torch.hub.HASH_REGEX.search(os.path.basename(URL_INCEPTION_V3))[1]
+            about.update(url=URL_INCEPTION_V3, same_as_library=sha.startswith(prefix))
+    return {"library": "torch-fidelity", "version": torch_fidelity.__version__, "feature_extractor": extractor,
+            "feature_layer": {m: cls.get_default_feature_layer_for_metric(m) for m in ("fid", "kid")},
+            "weights": about, "images": "8-bit as decoded (gray repeated to RGB); the extractor resizes them itself",
+            "kid": {"estimator": "unbiased MMD^2", "kernel": "(x.y / d + 1)^3", "subsets": KID_SUBSETS,
+                    "subset_size": f"min({KID_SUBSET_SIZE}, smaller set)", "seed": KID_SEED}}
