@@ -256,6 +256,33 @@ class EpochSampler(Sampler):
         return -(-max(0, self.n - self.start) // self.world_size)  # ceil
 
 
+def test_images(root, domain, nc, n=None, size=None):
+    """The readable images of ROOT/test/DOMAIN in name order, as (C, H, W) tensors in [-1, 1] and their paths: the
+    first n with the shorter side resized to `size` and center-cropped to size x size (the fixed samples of every
+    epoch end), or all at their own size (what test.py translates). ([], []) if there is no such folder."""
+    try:
+        files = list_images(domain_dir(root, "test", domain))
+    except ValueError:
+        return [], []
+    images, paths = [], []
+    for path in files:
+        if n is not None and len(images) == n:
+            break
+        try:
+            img = None if not_an_image(path) else load_image(path, nc)
+        except Exception:  # decoding errors of every kind: test.py reports them; here the image is left out
+            img = None
+        if img is None:
+            continue
+        if size:
+            img = resize_shorter_side(img, size)
+            left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+            img = img.crop((left, top, left + size, top + size))
+        images.append(to_tensor(img))
+        paths.append(path)
+    return images, paths
+
+
 def train_loader(dataset, batch_size, n_cpu, pin_memory, seed, rank=0, world_size=1):
     """The run's data stream: the (epoch, i) items of EpochSampler. Workers ignore Ctrl-C / SIGTERM, so the main
     process can finish its step and save; their own generator keeps the loader off the global torch RNG."""

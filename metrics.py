@@ -15,6 +15,7 @@ FID uses torch-fidelity's "inception-v3-compat": the TF-Inception of pytorch-fid
 images resized to 299 px as TensorFlow 1 resized them), so the numbers compare with papers' tables. KID is the
 unbiased MMD^2 with the polynomial kernel (x.y / d + 1)^3, mean and std over 100 subsets of min(1000, smaller set).
 """
+import csv
 import hashlib
 import os
 from functools import lru_cache
@@ -31,7 +32,9 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import glob_samples_paths
 
-from utils import first_line, load_weights, shown
+from datasets import test_images
+from models import translate
+from utils import first_line, load_weights, open_new, precision, shown, to_uint8
 
 INCEPTION = "inception-v3-compat"
 # The extractor evaluate() and protocol() use unless told otherwise. Tests point it at a tiny extractor they
@@ -193,3 +196,81 @@ def protocol(*, weights=None, extractor=None):
             "weights": about, "images": "8-bit as decoded (gray repeated to RGB); the extractor resizes them itself",
             "kid": {"estimator": "unbiased MMD^2", "kernel": "(x.y / d + 1)^3", "subsets": KID_SUBSETS,
                     "subset_size": f"min({KID_SUBSET_SIZE}, smaller set)", "seed": KID_SEED}}
+
+
+# ---- During training (train.py --eval_freq K): the test split, translated by the current generators ----
+
+COLUMNS = ["epoch", "step", "seconds", "fid_A2B", "kid_A2B", "kid_std_A2B", "fid_B2A", "kid_B2A", "kid_std_B2A"]
+
+
+class Tracker:
+    """FID and KID of both directions every few epochs, in OUTPUT_DIR/metrics.csv (rank 0 only).
+
+    The real test images are decoded once, as test.py decodes them, and their features are cached by the library under
+    a name drawn from the files (paths, sizes, times), so each evaluation extracts only the translations. Rows after
+    the epoch a run resumes from are dropped: that epoch is trained again and evaluated again."""
+
+    def __init__(self, output_dir, dataroot, input_nc, output_nc, resumed_epoch=None, cuda=False, weights=None):
+        self.path, self.cuda, self.weights = Path(output_dir) / "metrics.csv", cuda, weights
+        self.rows = read_rows(self.path, resumed_epoch)
+        self.files, self.real, self.cache = {}, {}, {}
+        for domain, nc in (("A", input_nc), ("B", output_nc)):
+            images, self.files[domain] = test_images(dataroot, domain, nc)
+            if len(images) < 2:
+                raise ValueError(f"--eval_freq: FID and KID need at least 2 readable images in test/{domain} of "
+                                 f"{shown(dataroot)}; it has {len(images)}")
+            self.real[domain] = [to_uint8(x) for x in images]
+            key = hashlib.sha256(repr([(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns, nc)
+                                       for p in self.files[domain]]).encode()).hexdigest()[:16]
+            self.cache[domain] = f"cyclegan-test-{domain}-{key}"
+
+    def due(self, epoch, every, n_epochs):
+        """Whether epoch (a number of epochs done) is one to evaluate, and has not been evaluated yet."""
+        return every > 0 and epoch > 0 and (epoch % every == 0 or epoch == n_epochs) and \
+            all(r["epoch"] != epoch for r in self.rows)
+
+    def evaluate(self, G_A2B, G_B2A, epoch, step, seconds, device):
+        """Translate both test domains (as test.py would write them), score them, append the row; returns (row,
+        whether its sum of both FIDs is the lowest so far)."""
+        row = {"epoch": epoch, "step": step, "seconds": round(seconds, 3)}
+        for src, dst, G in (("A", "B", G_A2B), ("B", "A", G_B2A)):
+            fake = translations(G, self.real[src], device)
+            r = evaluate(fake, self.real[dst], cuda=device.type == "cuda", cache_name=self.cache[dst], weights=self.weights)
+            row.update({f"fid_{src}2{dst}": r["fid"], f"kid_{src}2{dst}": r["kid_mean"], f"kid_std_{src}2{dst}": r["kid_std"]})
+        best = all(row["fid_A2B"] + row["fid_B2A"] < r["fid_A2B"] + r["fid_B2A"] for r in self.rows)
+        self.rows.append(row)
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, COLUMNS).writerow(row)
+        return row, best
+
+
+def read_rows(path, resumed_epoch):
+    """metrics.csv's rows up to resumed_epoch, the file rewritten with just those; a new run (None) keeps an old
+    file under another name."""
+    rows = []
+    if path.exists() and resumed_epoch is not None:
+        with open(path, newline="") as f:
+            rows = [{k: int(v) if k in ("epoch", "step") else float(v) for k, v in r.items()}
+                    for r in csv.DictReader(f) if None not in r.values() and int(r["epoch"]) <= resumed_epoch]
+    elif path.exists():
+        path.rename(path.with_name(f"metrics.{int(path.stat().st_mtime)}.csv"))
+    tmp = path.with_name("metrics.csv.tmp")
+    with open_new(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return rows
+
+
+@torch.inference_mode()
+def translations(G, images, device):
+    """G's translations of the decoded images, one at a time at their own size, in test.py's precision and layout:
+    uint8 (C, H, W) on the CPU, the numbers test.py writes as PNG."""
+    layout, autocast = precision(device)
+    out = []
+    for x in images:
+        with autocast:
+            y = translate(G, (x.float() / 255 * 2 - 1)[None].to(device, memory_format=layout))  # to_tensor's numbers
+        out.append(to_uint8(y[0].float()).cpu())
+    return out

@@ -93,6 +93,22 @@ def use_sliced_padding(net):
     return net
 
 
+def padded_size(h, w):
+    """H and W as translate() pads them: up to a multiple of 4, and at least 8."""
+    return max(8, h + -h % 4), max(8, w + -w % 4)
+
+
+@torch.inference_mode()
+def translate(G, x):
+    """G at any size: reflect-pad H and W up to a multiple of 4 (two stride-2 layers), at least 8 (the residual
+    blocks' reflection padding needs 2 px at 1/4 scale), then crop back."""
+    h, w = x.shape[-2:]
+    pad_h, pad_w = (p - s for p, s in zip(padded_size(h, w), (h, w)))
+    mode = "reflect" if min(h, w) > max(pad_h, pad_w) else "replicate"  # reflect needs pad < size
+    y = G(F.pad(x, (0, pad_w, 0, pad_h), mode=mode))
+    return y[..., :h, :w]
+
+
 def weights_init_normal(m):
     """N(0, 0.02) for convolutions, as the paper; the paper's InstanceNorm has no affine weights to initialise."""
     if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):

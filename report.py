@@ -1,4 +1,5 @@
-"""What a person reads about a run: losses.csv, the progress line, and visdom plots that can never stall training."""
+"""What a person reads about a run: losses.csv, the progress line, visdom plots that can never stall training, and
+what each epoch end leaves on disk (fixed-sample sheets, FID/KID, figures)."""
 import csv
 import functools
 import os
@@ -11,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import requests
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from datasets import new_bad_files
-from utils import open_new, tensor2image
+from datasets import new_bad_files, test_images
+from figures import Background, epoch_means
+from utils import UserError, cpu_state, open_new, tensor2image, try_save
 
 SAMPLE_ROWS = {"A": ["real_A", "fake_B", "rec_A"], "B": ["real_B", "fake_A", "rec_B"]}  # one row per domain
 SAMPLE_COLUMNS = ["real", "fake", "reconstructed"]
@@ -24,26 +26,57 @@ SAMPLE_COLUMNS = ["real", "fake", "reconstructed"]
 
 def sample_grid(images, min_cell=128, pad=4):
     """The six (3, h, w) uint8 samples as one labelled (3, H, W) picture: rows A and B, columns real / fake / rec."""
-    from torchvision.utils import make_grid  # here, in the plotter's thread: importing torchvision takes seconds
-    x = torch.stack([torch.from_numpy(images[n]) for names in SAMPLE_ROWS.values() for n in names])  # (6, 3, h, w)
-    scale = -(-min_cell // min(x.shape[2:]))  # a 32 px crop is narrower than its label: enlarge, pixels kept sharp
-    if scale > 1:
-        x = F.interpolate(x, scale_factor=scale, mode="nearest")
-    h, w = x.shape[2:]
-    grid = Image.fromarray(make_grid(x, nrow=3, padding=pad, pad_value=255).permute(1, 2, 0).numpy())
+    return labelled_grid([[images[n] for n in names] for names in SAMPLE_ROWS.values()], list(SAMPLE_ROWS),
+                         SAMPLE_COLUMNS, min_cell, pad)
+
+
+def labelled_grid(cells, row_labels, column_labels, min_cell=128, pad=4):
+    """Rows of (3, h, w) uint8 pictures, all of one size, as one (3, H, W) picture with its rows and columns named."""
+    h, w = cells[0][0].shape[1:]
+    scale = -(-min_cell // min(h, w))  # a 32 px crop is narrower than its label: enlarge, pixels kept sharp
+    h, w = h * scale, w * scale
     font = ImageFont.load_default(size=max(14, w // 12))
     text_h = font.getbbox("Ag")[3]
-    top, left = 2 * text_h, 2 * text_h
-    canvas = Image.new("RGB", (left + grid.width, top + grid.height), "white")
-    canvas.paste(grid, (left, top))
+    top, left = 2 * text_h, max(2 * text_h, *(int(font.getlength(label)) + text_h for label in row_labels))
+    canvas = Image.new("RGB", (left + pad + len(cells[0]) * (w + pad), top + pad + len(cells) * (h + pad)), "white")
     draw = ImageDraw.Draw(canvas)
-    for j, label in enumerate(SAMPLE_COLUMNS):
+    for i, row in enumerate(cells):
+        for j, cell in enumerate(row):
+            picture = Image.fromarray(np.ascontiguousarray(cell.transpose(1, 2, 0)))
+            canvas.paste(picture.resize((w, h), Image.NEAREST), (left + pad + j * (w + pad), top + pad + i * (h + pad)))
+    for j, label in enumerate(column_labels):
         cx = left + pad + j * (w + pad) + w / 2
         draw.text((cx - draw.textlength(label, font) / 2, (top - text_h) / 2), label, "black", font)
-    for i, label in enumerate(SAMPLE_ROWS):
+    for i, label in enumerate(row_labels):
         cy = top + pad + i * (h + pad) + h / 2
         draw.text(((left - draw.textlength(label, font)) / 2, cy - text_h / 2), label, "black", font)
     return np.asarray(canvas).transpose(2, 0, 1)
+
+
+@torch.inference_mode()
+def sample_sheet(G_A2B, G_B2A, samples, device, memory_format, autocast):
+    """The fixed test images through both generators, as one labelled (3, H, W) uint8 picture: a row per image
+    (A1, A2, ..., B1, ...), columns real / translated / reconstructed, and identity (G_B2A(real_A) for an A image)
+    where both domains have the same number of channels. samples: {"A": [(C, s, s)], "B": [...]} in [-1, 1]."""
+    rows, labels = [], []
+    for domain, G, G_back in (("A", G_A2B, G_B2A), ("B", G_B2A, G_A2B)):
+        if not samples[domain]:
+            continue
+        real = torch.stack(samples[domain]).to(device, memory_format=memory_format)
+        with autocast:
+            fake = G(real)
+            results = [real, fake, G_back(fake)] + [G_back(real)] * (real.shape[1] == fake.shape[1])
+        rows += [[tensor2image(r[i]) for r in results] for i in range(len(real))]
+        labels += [f"{domain}{i + 1}" for i in range(len(real))]
+    return labelled_grid(rows, labels, ["real", "translated", "reconstructed", "identity"][:len(rows[0])])
+
+
+def write_png(picture, path):
+    """A (3, H, W) uint8 picture as PNG, atomically: a reader never sees half a file, a link at path is replaced."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open_new(tmp) as f:
+        Image.fromarray(picture.transpose(1, 2, 0)).save(f, format="PNG")
+    os.replace(tmp, path)
 
 
 class Logger:
@@ -141,6 +174,11 @@ class Logger:
     def end_epoch(self):
         self.bar.close()
 
+    def show(self, epoch, sheet=None, metrics=None):
+        """An epoch end's sheet of fixed test images, and metrics.csv's rows, to visdom (if plotting)."""
+        if self.plotter:
+            self.plotter.show(epoch, sheet, metrics)
+
     def close(self):
         if self.bar:
             self.bar.close()
@@ -159,6 +197,8 @@ class VisdomPlotter:
     def __init__(self, server, port, env, names, timeout=5.0, verbose=True):
         self.server, self.port, self.env, self.names, self.timeout = server, port, env, names, timeout
         self.rows, self.n_rows, self.images = [], 0, None
+        self.sheet = self.metrics = self.sent_sheet = None  # the epoch's fixed-sample sheet; metrics.csv's rows
+        self.sent_metrics = 0
         self.sent, self.sent_epochs, self.vis, self.up, self.verbose = 0, 0, None, None, verbose
         self.lock, self.wake, self.closing = threading.Lock(), threading.Event(), False
         self.thread = threading.Thread(target=self._run, name="visdom", daemon=True)
@@ -169,6 +209,13 @@ class VisdomPlotter:
         with self.lock:
             self.rows, self.n_rows = rows, len(rows)  # rows is append-only: rows[:n_rows] is stable
             self.images = images if images is not None else self.images
+        self.wake.set()
+
+    def show(self, epoch, sheet=None, metrics=None):
+        """At an epoch end: its sheet of the fixed test images (3, H, W), and metrics.csv's rows so far."""
+        with self.lock:
+            self.sheet = (epoch, sheet) if sheet is not None else self.sheet
+            self.metrics = list(metrics) if metrics is not None else self.metrics
         self.wake.set()
 
     def close(self, wait=10.0):
@@ -212,7 +259,8 @@ class VisdomPlotter:
         with self.lock:
             rows, images = self.rows[:self.n_rows], self.images
         if self.env not in self.vis.get_env_list() or not self.vis.win_exists(self.MARKER, env=self.env):
-            self.sent = self.sent_epochs = 0
+            self.sent = self.sent_epochs = self.sent_metrics = 0
+            self.sent_sheet = None
         if self.sent == 0 and rows:
             self.vis.text(f"CycleGAN run: {self.env}", win=self.MARKER, env=self.env)
         new = rows[self.sent:]
@@ -232,19 +280,93 @@ class VisdomPlotter:
         self.sent, self.sent_epochs = len(rows), len(epochs)
         if images and rows:
             grid = sample_grid(images)  # built here, not in the training thread
-            self.vis.image(grid, win="samples", env=self.env, opts=dict(
-                title=f"samples at step {rows[-1]['step']} (epoch {rows[-1]['epoch']:.2f})",
+            self.vis.image(grid, win="batch", env=self.env, opts=dict(
+                title=f"training batch at step {rows[-1]['step']} (epoch {rows[-1]['epoch']:.2f})",
                 caption="row A: real_A, fake_B = G_A2B(real_A), rec_A = G_B2A(fake_B); row B: the same from B",
                 width=grid.shape[2] + 20, height=grid.shape[1] + 60))
+        self._update_epoch()
+
+    def _update_epoch(self):
+        """The fixed-sample sheet and the FID/KID curves, when they changed or the server is new."""
+        with self.lock:
+            sheet, metrics = self.sheet, self.metrics or []
+        if sheet is not None and sheet is not self.sent_sheet:
+            epoch, grid = sheet
+            self.vis.image(grid, win="samples", env=self.env, opts=dict(
+                title=f"test images after epoch {epoch}", caption="the same images every epoch (samples/)",
+                width=grid.shape[2] + 20, height=grid.shape[1] + 60))
+            self.sent_sheet = sheet
+        if len(metrics) > self.sent_metrics:
+            for name in ("fid", "kid"):
+                Y = np.array([[r[f"{name}_A2B"], r[f"{name}_B2A"]] for r in metrics])
+                self.vis.line(X=np.array([[r["epoch"]] * 2 for r in metrics]), Y=Y, win=name, env=self.env,
+                              opts=dict(title=name.upper(), xlabel="epoch", legend=["A2B", "B2A"], markers=True))
+            self.sent_metrics = len(metrics)
+
+def run_logger(args, world, names, total_steps, run):
+    """train.py's logger: losses.csv, progress lines and visdom on rank 0; the losses shown are means over all ranks."""
+    out = Path(args.output_dir)
+    env = args.display_env or f"{Path(args.dataroot.rstrip('/')).name}_{out.resolve().name}"
+    plotter = None if args.no_visdom or not world.is_main else VisdomPlotter(args.display_server, args.display_port,
+                                                                             env, names)
+    average = (lambda x: (dist.all_reduce(x), x / world.size)[1]) if world.ddp else None
+    return Logger(out if world.is_main else None, names, args.batchSize * world.size, total_steps, run.step,
+                  run.seconds, plotter, window=args.display_freq, average=average)
 
 
-def epoch_means(rows, names):
-    """[(epoch number, {name: mean over its steps})] for every finished epoch in the history rows."""
-    means, start, prev_step = [], 0, 0
-    for i, r in enumerate(rows):
-        if r["epoch"] == int(r["epoch"]) and r["epoch"] > 0:  # the row that closes an epoch
-            chunk = rows[start:i + 1]
-            steps = np.diff([prev_step] + [c["step"] for c in chunk])
-            means.append((r["epoch"], {n: float(np.average([c[n] for c in chunk], weights=steps)) for n in names}))
-            start, prev_step = i + 1, r["step"]
-    return means
+class EpochEnd:
+    """What rank 0 leaves at each epoch end besides the checkpoint and the generators: the sheet of fixed test images
+    (samples/epoch_NNN.png, and visdom), FID/KID when due (metrics.csv; --keep_best: best_netG_*.pth), and the
+    figures and training page, drawn in the background. Each is a pure function of the epoch's weights: a resumed
+    run writes the same files, and calling it again for an epoch only fills in what is missing."""
+
+    def __init__(self, args, resumed_epoch=None):
+        self.args, self.out = args, Path(args.output_dir)
+        self.samples = {d: test_images(args.dataroot, d, nc, args.n_samples, args.size)[0]
+                        for d, nc in (("A", args.input_nc), ("B", args.output_nc))}
+        self.tracker = None
+        if args.eval_freq:
+            from metrics import Tracker  # here: importing torch-fidelity takes a second, and only --eval_freq needs it
+            try:
+                self.tracker = Tracker(self.out, args.dataroot, args.input_nc, args.output_nc, resumed_epoch, args.cuda,
+                                       args.fid_weights)
+            except ValueError as e:
+                raise UserError(e) from None
+        self.figures = None if args.no_figures else Background()
+
+    def __call__(self, run, logger):
+        """The files of the epoch run has just finished (run.epoch epochs done)."""
+        G_A2B, G_B2A, epoch = run.nets["G_A2B"], run.nets["G_B2A"], run.epoch
+        sheet = None
+        if any(self.samples.values()):
+            sheet = sample_sheet(G_A2B, G_B2A, self.samples, run.device, run.memory_format, run.autocast)
+            try:
+                (self.out / "samples").mkdir(exist_ok=True)
+                write_png(sheet, self.out / "samples" / f"epoch_{epoch:03d}.png")
+            except OSError as e:
+                print(f"warning: could not write the sample sheet of epoch {epoch} ({e})", file=sys.stderr)
+        if self.tracker and self.tracker.due(epoch, self.args.eval_freq, self.args.n_epochs):
+            self.evaluate(run, logger.seconds())
+        logger.show(epoch, sheet, self.tracker.rows if self.tracker else None)
+        if self.figures:
+            self.figures.submit(self.out, self.args.decay_epoch)
+
+    def evaluate(self, run, seconds):
+        """FID and KID of this epoch's generators into metrics.csv; with --keep_best, the best ones kept."""
+        try:
+            row, best = self.tracker.evaluate(run.nets["G_A2B"], run.nets["G_B2A"], run.epoch, run.step, seconds,
+                                              run.device)
+        except ValueError as e:  # no Inception weights: the run goes on, and says once how to get them
+            print(f"warning: no FID/KID from here on: {e}", file=sys.stderr)
+            self.tracker = None
+            return
+        print(f"epoch {run.epoch}: FID A2B {row['fid_A2B']:.2f}, B2A {row['fid_B2A']:.2f}" + " (best)" * best)
+        if best and self.args.keep_best:
+            for name in ("G_A2B", "G_B2A"):
+                try_save(cpu_state(run.nets[name]), self.out / f"best_net{name}.pth")
+
+    def close(self):
+        """Draw the figures once more (a stopped run's too) and wait for them."""
+        if self.figures:
+            self.figures.submit(self.out, self.args.decay_epoch)
+            self.figures.close()

@@ -16,7 +16,6 @@ and OUTPUT_DIR/index.html shows each source beside its results. Unreadable image
 (Run it as a script; this file shadows Python's stdlib `test` package.)
 """
 import argparse
-import contextlib
 import html
 import json
 import math
@@ -26,14 +25,12 @@ from urllib.parse import quote
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
-import metrics
 from datasets import ImageFolder, domain_dir, fit_size, format_bad, list_images, load_image
-from models import load_generator
-from utils import amp_dtype, cannot_write, channels_problem, loader_workers, open_new, shown, to_uint8
+from models import load_generator, padded_size, translate
+from utils import cannot_write, channels_problem, loader_workers, open_new, precision, shown, to_uint8
 
 
 def get_parser():
@@ -71,11 +68,6 @@ def get_parser():
 BYTES_PER_PIXEL = 1000
 
 
-def padded_size(h, w):
-    """H and W as translate() pads them: up to a multiple of 4, and at least 8."""
-    return max(8, h + -h % 4), max(8, w + -w % 4)
-
-
 def free_memory(device):
     """Bytes free for translating: the GPU's free memory, or the CPU's available memory (Linux: MemAvailable)."""
     if device.type == "cuda":
@@ -99,17 +91,6 @@ def memory_check(pixels, max_size):
         return (f"{w}x{h} px: translating it needs about {need * BYTES_PER_PIXEL / 1e9:.1f} GB of memory, "
                 f"{pixels * BYTES_PER_PIXEL / 1e9:.1f} GB are free; pass {hint}")
     return reason
-
-
-@torch.inference_mode()
-def translate(G, x):
-    """G at any size: reflect-pad H and W up to a multiple of 4 (two stride-2 layers), at least 8 (the residual
-    blocks' reflection padding needs 2 px at 1/4 scale), then crop back."""
-    h, w = x.shape[-2:]
-    pad_h, pad_w = (p - s for p, s in zip(padded_size(h, w), (h, w)))
-    mode = "reflect" if min(h, w) > max(pad_h, pad_w) else "replicate"  # reflect needs pad < size
-    y = G(F.pad(x, (0, pad_w, 0, pad_h), mode=mode))
-    return y[..., :h, :w]
 
 
 def batches(loader, batch_size, bad, max_pixels):
@@ -159,13 +140,6 @@ def translate_batch(G, G_back, images, device, layout, autocast):
         fake = translate(G, real)
         results = [real, fake] if G_back is None else [real, fake, translate(G_back, fake)]
     return [to_uint8(r.float()) for r in results]
-
-
-def precision(device):
-    """(memory layout, autocast) of the translation: off the CPU channels_last (cuDNN's fast layout, for G and its
-    inputs alike) and on the GPU bf16 (fp16 without it); on the CPU contiguous fp32, so results are exact."""
-    layout = torch.channels_last if device.type != "cpu" else torch.contiguous_format
-    return layout, torch.autocast("cuda", amp_dtype(device)) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def jobs_of(args, device):
@@ -272,6 +246,8 @@ def write_index(path, sections, skipped, scores=None):
     when the folder is moved."""
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>CycleGAN results</title>"
              f"<style>{PAGE_STYLE}</style></head><body>\n<h1>CycleGAN results</h1>"]
+    if (path.parent / "training.html").exists():  # train.py's page of the same run: curves, samples per epoch
+        parts.append('<p><a href="training.html">training page</a>: loss curves, FID/KID, samples per epoch</p>')
     if scores:
         parts.append(scores_html(scores))
     for title, columns, rows in sections:
@@ -318,6 +294,7 @@ def metrics_problem(args):
     if args.reference is not None and not Path(args.reference).is_dir():
         return f"--reference {shown(args.reference)} is not a folder: pass a folder of real images"
     if args.fid_weights is not None and not Path(args.fid_weights).is_file():
+        import metrics  # here: importing torch-fidelity takes a second, and only --metrics needs it
         return (f"--fid_weights {shown(args.fid_weights)} does not exist: pass the Inception weights file "
                 f"({metrics.hub_file().name})")
     return None
@@ -327,6 +304,7 @@ def report_metrics(args, out, jobs, sections, skipped):
     """--metrics: FID and KID of each direction's translations (the PNGs as written) against the real images of its
     target domain (their PNG copies in real_A/ real_B/, or --reference), printed as a table, written with the
     protocol to OUTPUT_DIR/metrics.json, and put at the top of index.html."""
+    import metrics  # here: importing torch-fidelity takes a second, and only --metrics needs it
     written = {job[0]: (job[4], rows) for job, (_, _, rows) in zip(jobs, sections)}  # source domain -> (G, rows)
     scores = {}
     for src, (G_path, rows) in written.items():

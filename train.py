@@ -5,7 +5,8 @@
     torchrun --nproc_per_node=4 train.py --dataroot datasets/summer2winter_yosemite --cuda   # 4 GPUs, DDP
 
 Reading order: main() is the run's outline; train_step() is the paper's update; Run is what a checkpoint holds,
-with checkpoint() and restore() side by side; utils.Stopper is where a run stops on Ctrl-C.
+with checkpoint() and restore() side by side; utils.Stopper is where a run stops on Ctrl-C; report.EpochEnd is what
+each epoch end leaves on disk besides checkpoints (sample sheets, FID/KID, figures).
 """
 import argparse
 import contextlib
@@ -22,11 +23,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from datasets import ImageDataset, skipped_summary, train_loader
 from models import Discriminator, DiscriminatorLoss, Generator, GeneratorLoss, use_sliced_padding, weights_init_normal
-from report import Logger, VisdomPlotter
+from report import EpochEnd, run_logger
 from utils import (CudaGraphStep, ReplayBuffer, Stopper, UserError, adam, amp_dtype, cannot_write, channels_problem,
                    cpu_state, first_line, linear_decay, load_checkpoint, load_optimizer,
                    lock_output_dir, resume_path, rng_state, set_requires_grad, set_rng_state, setup_processes,
-                   stop_children, to_device, try_save)
+                   resume_command, stop_children, to_device, try_save)
 
 LOSS_NAMES = ["loss_G", "loss_G_identity", "loss_G_GAN", "loss_G_cycle", "loss_D", "loss_D_A", "loss_D_B"]
 # What a checkpoint holds, checked before any of it is used: a file can pass weights_only and still be anything.
@@ -69,6 +70,14 @@ def get_parser():
     p.add_argument("--display_env", type=str, default=None, help="visdom environment (default: DATASET_OUTPUTDIR)")
     p.add_argument("--display_freq", type=int, default=100, help="steps between loss rows, progress lines and plots")
     p.add_argument("--no_visdom", action="store_true", help="do not plot to visdom (losses.csv is still written)")
+    p.add_argument("--n_samples", type=int, default=4, help="test images per domain drawn at each epoch end (samples/)")
+    p.add_argument("--eval_freq", type=int, default=0, help="FID and KID of the test split every this many epochs "
+                                                           "and at the last, into metrics.csv (0: off)")
+    p.add_argument("--keep_best", action="store_true", help="with --eval_freq: also keep the generators of the epoch "
+                                                            "of lowest FID (A2B + B2A) as best_netG_*.pth")
+    p.add_argument("--fid_weights", type=str, default=None, metavar="PATH", help="a local Inception weights file")
+    p.add_argument("--no_figures", action="store_true", help="do not redraw plots/ and training.html at epoch ends "
+                                                             "(python figures.py OUTPUT_DIR draws them any time)")
     return p
 
 
@@ -100,9 +109,12 @@ def check_args(args, resuming=False):
         raise UserError("--cuda was given but PyTorch sees no CUDA GPU; drop --cuda to train on the CPU")
     if args.n_blocks > 64:  # the paper has 9; each costs 2.4 MB of weights and a full-size activation per image
         raise UserError(f"--n_blocks {args.n_blocks}: at most 64 residual blocks (the paper uses 9, or 6 up to 128 px)")
-    if min(args.batchSize, args.display_freq, args.n_blocks) < 1 or min(args.save_freq, args.pool_size, args.n_cpu) < 0:
-        raise UserError("--batchSize, --display_freq and --n_blocks must be positive, --save_freq, --pool_size and "
-                        "--n_cpu at least 0")
+    if min(args.batchSize, args.display_freq, args.n_blocks) < 1 or min(args.save_freq, args.pool_size, args.n_cpu,
+                                                                        args.n_samples, args.eval_freq) < 0:
+        raise UserError("--batchSize, --display_freq and --n_blocks must be positive, --save_freq, --pool_size, "
+                        "--n_cpu, --n_samples and --eval_freq at least 0")
+    if (args.keep_best or args.fid_weights) and not args.eval_freq:
+        raise UserError("--keep_best and --fid_weights go with --eval_freq K (FID and KID every K epochs)")
 
 
 def train_step(g_loss, d_loss, discriminators, optimizer_G, optimizer_D, scaler, autocast, buffers,
@@ -295,19 +307,25 @@ def main(args):
     if world.device.type == "cuda" and not capture:
         log("the step runs eagerly: " + ("--eager" if args.eager else "DDP" if world.ddp else "float16 loss scaling"))
     loader = train_loader(dataset, args.batchSize, args.n_cpu, args.cuda, args.seed, world.rank, world.size)
-    logger = make_logger(args, world, run)
+    logger = run_logger(args, world, LOSS_NAMES, steps_per_epoch(run, args, world.size) * args.n_epochs, run)
     stopper = Stopper(world.control, world.rank)  # Ctrl-C / SIGTERM: finish the step, save, exit
+    epoch_end = EpochEnd(args, ckpt and run.epoch) if world.is_main else None
+    if epoch_end and ckpt and run.epoch > 0 and run.sample == 0:  # resumed at an epoch end: what a killed run had not written yet
+        epoch_end(run, logger)
 
-    # ---- The epochs: each ends with a checkpoint and the seed's four generator files ----
+    # ---- The epochs: each ends with a checkpoint, then (rank 0) generators, samples, FID/KID, figures ----
     stopped, saved = False, True
     for _ in range(run.epoch, args.n_epochs):
         stopped, saved = train_epoch(run, args, world, loader, (fast_step, eager_step), logger, stopper)
         if stopped:
             break
-        if world.is_main:  # loadable by the seed's code and by test.py
-            for name, net in run.nets.items():
+        if world.is_main:
+            for name, net in run.nets.items():  # the seed's four files, loadable by its code and by test.py
                 try_save(cpu_state(net), out / f"net{name}.pth")
+            epoch_end(run, logger)
     logger.close()
+    if epoch_end:
+        epoch_end.close()  # the figures of a stopped run too
     finish(run, args, world, stopped, saved)
     return 0
 
@@ -352,17 +370,6 @@ def start_line(run, ckpt, args, world, saved_ranks):
 def steps_per_epoch(run, args, world_size):
     """Steps of each process per epoch: the epoch's samples shared out over the ranks, then batched."""
     return math.ceil(math.ceil(run.epoch_size / world_size) / args.batchSize)
-
-
-def make_logger(args, world, run):
-    """losses.csv, progress lines and visdom, on rank 0; the losses shown are means over all ranks."""
-    out = Path(args.output_dir)
-    env = args.display_env or f"{Path(args.dataroot.rstrip('/')).name}_{out.resolve().name}"
-    plotter = None if args.no_visdom or not world.is_main else VisdomPlotter(args.display_server, args.display_port, env, LOSS_NAMES)
-    average = (lambda x: (dist.all_reduce(x), x / world.size)[1]) if world.ddp else None
-    return Logger(out if world.is_main else None, LOSS_NAMES, args.batchSize * world.size,
-                  steps_per_epoch(run, args, world.size) * args.n_epochs, run.step, run.seconds, plotter,
-                  window=args.display_freq, average=average)
 
 
 def train_epoch(run, args, world, loader, steps, logger, stopper):
@@ -419,13 +426,6 @@ def finish(run, args, world, stopped, saved):
               f"done: {args.n_epochs} epochs, {run.step} steps; generators in {out}/netG_A2B.pth and netG_B2A.pth")
     if world.ddp:
         dist.destroy_process_group()
-
-
-def resume_command(args):
-    world_size, per_node = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    launcher = ("python train.py" if world_size == 1 else f"torchrun --nproc_per_node={world_size} train.py"
-                if per_node == world_size else "torchrun <the same launch flags> train.py")
-    return f"{launcher} --resume --output_dir {args.output_dir}" + " --cuda" * args.cuda
 
 
 if __name__ == "__main__":

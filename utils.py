@@ -1,4 +1,5 @@
 """Training machinery: replay buffer, LR schedule, seeding, safe files and checkpoints, the CUDA-graph step, stopping."""
+import contextlib
 import errno
 import multiprocessing
 import os
@@ -93,6 +94,13 @@ def amp_dtype(device):
     if device.type == "cuda":  # by default is_bf16_supported also counts bfloat16 emulated on pre-Ampere GPUs
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None  # AVX512-BF16 or AMX
+
+
+def precision(device):
+    """(memory layout, autocast) of the translation: off the CPU channels_last (cuDNN's fast layout, for G and its
+    inputs alike) and on the GPU bf16 (fp16 without it); on the CPU contiguous fp32, so results are exact."""
+    layout = torch.channels_last if device.type != "cpu" else torch.contiguous_format
+    return layout, torch.autocast("cuda", amp_dtype(device)) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def set_requires_grad(nets, flag):
@@ -230,11 +238,13 @@ def loader_workers(n_cpu, n_items):
     return max(0, min(n_cpu, cpus, n_items))
 
 
-# On --resume: flags left at their default take the run's saved value, except LOCAL_FLAGS: where to run, and where
-# data goes, come from this command line alone, never from a checkpoint file (which may be someone else's). RUN_FLAGS
-# may be given a new value; any other flag given with a new value is refused.
-LOCAL_FLAGS = {"cuda", "n_cpu", "output_dir", "resume", "eager", "display_server", "display_port", "display_env"}
-RUN_FLAGS = {"epoch", "n_epochs", "decay_epoch", "dataroot", "save_freq", "deterministic", "display_freq", "no_visdom"}
+# On --resume: flags left at their default take the run's saved value, except LOCAL_FLAGS: where to run, where
+# data goes and whether to draw figures come from this command line alone, never from a checkpoint file (which may be
+# someone else's). RUN_FLAGS may be given a new value; any other flag given with a new value is refused.
+LOCAL_FLAGS = {"cuda", "n_cpu", "output_dir", "resume", "eager", "display_server", "display_port", "display_env",
+               "fid_weights", "no_figures"}
+RUN_FLAGS = {"epoch", "n_epochs", "decay_epoch", "dataroot", "save_freq", "deterministic", "display_freq", "no_visdom",
+             "n_samples", "eval_freq", "keep_best"}
 ARCH_FLAGS = {"input_nc", "output_nc", "n_blocks"}
 
 
@@ -496,3 +506,10 @@ def checkpoint_problem(ckpt, types, parser):
         if kind and value is not None and type(value) is not kind and not (kind is float and type(value) is int):
             return f"its flag {key} is {value!r}, not a {kind.__name__}"
     return None
+
+
+def resume_command(args):
+    world_size, per_node = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    launcher = ("python train.py" if world_size == 1 else f"torchrun --nproc_per_node={world_size} train.py"
+                if per_node == world_size else "torchrun <the same launch flags> train.py")
+    return f"{launcher} --resume --output_dir {args.output_dir}" + " --cuda" * args.cuda

@@ -62,7 +62,9 @@ def tiny_data(tmp_path):
 
 # Flags that make train.py take a few seconds: 32 px crops, 1 epoch of max(|A|, |B|) steps, generators with one
 # residual block (checkpoints of 110 MB, not 340), no visdom.
-QUICK = ["--size", "32", "--n_epochs", "1", "--decay_epoch", "0", "--n_cpu", "0", "--seed", "0", "--n_blocks", "1"]
+# --no_figures: each epoch end would start a process drawing plots/ (tests/test_figures.py and test_epoch_end.py do)
+QUICK = ["--size", "32", "--n_epochs", "1", "--decay_epoch", "0", "--n_cpu", "0", "--seed", "0", "--n_blocks", "1",
+         "--no_figures"]
 FAST = QUICK + ["--no_visdom"]
 
 

@@ -89,8 +89,8 @@ def wait_for_rows(out, n, proc, limit=120):
 def test_losses_and_images_are_plotted(tmp_path, server):
     port, start = server
     start()
-    data = make_dataset(tmp_path / "d", n_A=3, n_B=2, test=False)
-    r = subprocess.run(train_cmd(data, tmp_path / "o", port, "--n_epochs", "2", "--display_freq", "2"),
+    data = make_dataset(tmp_path / "d", n_A=3, n_B=2)
+    r = subprocess.run(train_cmd(data, tmp_path / "o", port, "--n_epochs", "2", "--display_freq", "2", "--n_samples", "2"),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "cannot reach" not in r.stdout + r.stderr
@@ -104,11 +104,15 @@ def test_losses_and_images_are_plotted(tmp_path, server):
     assert lr_axis["range"][0] == 0 and top < lr_axis["range"][1] < 1.2 * top and lr_axis["tickformat"] == "~g"
     vis = Visdom("http://127.0.0.1", port=port, env="t", use_incoming_socket=False)
     assert not any(vis.win_exists(name, env="t") for name in SAMPLE_NAMES)  # one grid, not six windows
-    samples = window(port, "samples")
-    assert samples["type"] == "image" and "step 6 " in samples["title"]
-    png = Image.open(io.BytesIO(base64.b64decode(samples["content"]["src"].split(",", 1)[1])))
+    batch = window(port, "batch")  # the last training batch's crops
+    assert batch["type"] == "image" and "step 6 " in batch["title"]
+    png = Image.open(io.BytesIO(base64.b64decode(batch["content"]["src"].split(",", 1)[1])))
     blank = {name: np.zeros((3, 32, 32), np.uint8) for name in SAMPLE_NAMES}
     assert png.mode == "RGB" and png.size[::-1] == sample_grid(blank).shape[1:]
+    samples = window(port, "samples")  # the fixed test images of the last epoch end, as samples/epoch_002.png
+    assert samples["type"] == "image" and "after epoch 2" in samples["title"]
+    png = Image.open(io.BytesIO(base64.b64decode(samples["content"]["src"].split(",", 1)[1])))
+    assert png.tobytes() == Image.open(tmp_path / "o" / "samples" / "epoch_002.png").tobytes()
 
 
 def test_the_sample_grid_has_a_row_per_domain_and_labels():

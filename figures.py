@@ -1,0 +1,372 @@
+"""The files a write-up needs, from what a run left on disk: one SVG per curve and an overview PNG in OUTPUT_DIR/plots/,
+and OUTPUT_DIR/training.html with the curves, the FID/KID table and the per-epoch sample grids.
+
+    python figures.py output/horse2zebra                     # redraw from losses.csv: a finished, running or old run
+    python figures.py output/horse2zebra --decay_epoch 100   # mark the lr decay here (default: checkpoint.pth's args)
+
+During training, Background().submit(OUTPUT_DIR, decay_epoch) runs the same command in a subprocess at each epoch end:
+the training thread only starts a process, and a figure that cannot be drawn costs one warning line on stderr.
+Exit codes: 0 drawn, 1 an error of the caller (no such folder, no losses.csv), 2 the figures could not be drawn.
+"""
+import argparse
+import csv
+import html
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+
+# torch, matplotlib and utils (which imports torch) are imported where they are used: train.py imports this module
+# for Background, and the command answers a wrong folder at once instead of after seconds of imports.
+
+LOSSES = ["loss_G", "loss_D", "loss_G_cycle", "loss_G_GAN", "loss_G_identity", "loss_D_A", "loss_D_B", "lr"]
+DIRECTIONS = ["A2B", "B2A"]
+TITLES = {  # what each curve is, from models.py's objective and train.py's step
+    "loss_G": "loss_G = GAN + cycle + identity", "loss_D": "loss_D = loss_D_A + loss_D_B",
+    "loss_G_cycle": "loss_G_cycle: L1 of A→B→A and B→A→B", "loss_G_GAN": "loss_G_GAN: fakes judged real (LSGAN)",
+    "loss_G_identity": "loss_G_identity: L1 of G_A2B(B) to B, …", "loss_D_A": "loss_D_A: real A → 1, fake A → 0",
+    "loss_D_B": "loss_D_B: real B → 1, fake B → 0", "lr": "learning rate",
+    "fid": "FID against the real test images (lower is better)", "kid": "KID ×100 ± std (lower is better)"}
+Y_LABELS = {"fid": "FID", "kid": "KID ×100"}
+# Same data, same bytes: ids are hashed with a fixed salt instead of random ones (and savefig gets no Date). No path
+# simplification: every logged point is a vertex in the SVG, so a reader (or a test) finds what losses.csv holds.
+RC = {"svg.hashsalt": "cyclegan-figures", "path.simplify": False, "font.size": 9, "legend.fontsize": 8,
+      "axes.grid": True, "grid.alpha": 0.3}
+SVG_SIZE, SVG_RC = (6.4, 4.0), {"font.size": 11, "legend.fontsize": 9}  # 614 x 384 px, often shown at 2/3 of that
+OVERVIEW_COLUMNS, OVERVIEW_PANEL, OVERVIEW_DPI = 4, (3.25, 2.6), 150  # 4 panels of 3.25 in: 1950 px wide
+PAGE_STYLE = ("body{font-family:sans-serif;margin:1em;max-width:1900px}table{border-collapse:collapse}"
+              "th,td{padding:4px 8px;text-align:center;border-bottom:1px solid #ddd}tr.best td{font-weight:bold}"
+              ".grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,440px),1fr));gap:1em}"
+              "figure{margin:0}figure img{display:block;max-width:100%;height:auto;margin:auto}"
+              "figcaption{text-align:center;color:#555;font-size:90%}.note{color:#555}.wide{overflow-x:auto}")
+
+
+def read_csv(path):
+    """The complete rows of a CSV file as {column: float} (an empty cell is NaN); a line cut short by a writer that
+    is still appending, or one that does not parse, is left out."""
+    rows = []
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        for r in csv.DictReader(f):
+            try:
+                if None in r or None in r.values():  # too many cells, or too few: a partial or damaged line
+                    continue
+                rows.append({k: float(v) if v.strip() else math.nan for k, v in r.items()})
+            except ValueError:
+                continue
+    return rows
+
+
+def finite(value):
+    """Whether value is a float that is neither NaN nor infinite (a missing cell is NaN)."""
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def checkpoint_args(output_dir):
+    """The "args" dict of OUTPUT_DIR/checkpoint.pth, or {} when there is none or it cannot be read."""
+    path = Path(output_dir) / "checkpoint.pth"
+    if not path.is_file():
+        return {}
+    import torch
+    try:  # mmap: the weights (hundreds of MB) are never read, only the small pickle that holds args
+        args = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("args")
+    except Exception:  # damaged, from a version with a Namespace inside, not a zip file: the figures go on without
+        return {}
+    return args if isinstance(args, dict) else {}
+
+
+def epoch_means(rows, names):
+    """[(epoch number, {name: mean over its steps})] for every finished epoch in the history rows."""
+    means, start, prev_step = [], 0, 0
+    for i, r in enumerate(rows):
+        if r["epoch"] == int(r["epoch"]) and r["epoch"] > 0:  # the row that closes an epoch
+            chunk = rows[start:i + 1]
+            steps = np.diff([prev_step] + [c["step"] for c in chunk])
+            means.append((r["epoch"], {n: float(np.average([c[n] for c in chunk], weights=steps)) for n in names}))
+            start, prev_step = i + 1, r["step"]
+    return means
+
+
+def run_data(output_dir, decay_epoch=None):
+    """What the figures show: loss rows, epoch means, metrics rows, the lr decay epoch, and the curves to draw."""
+    out = Path(output_dir)
+    rows = [r for r in read_csv(out / "losses.csv") if finite(r.get("step")) and finite(r.get("epoch"))]
+    metrics = read_csv(out / "metrics.csv") if (out / "metrics.csv").is_file() else []
+    metrics = [r for r in metrics if finite(r.get("epoch"))]
+    names = [n for n in LOSSES if rows and n in rows[0]]  # a column an older run did not write is left out
+    if decay_epoch is None:
+        decay_epoch = checkpoint_args(out).get("decay_epoch")
+    curves = names + [k for k in Y_LABELS if any(finite(m.get(f"{k}_{d}")) for m in metrics for d in DIRECTIONS)]
+    return {"rows": rows, "means": epoch_means(rows, names), "metrics": metrics, "curves": curves,
+            "decay_epoch": decay_epoch if isinstance(decay_epoch, int | float) else None}
+
+
+def plot_loss(ax, name, data):
+    """One column of losses.csv: the interval means as a thin line, the epoch means as markers on a line."""
+    rows, means = data["rows"], data["means"]
+    ax.plot([r["epoch"] for r in rows], [r[name] for r in rows], lw=0.8, color="C0", alpha=0.7,
+            label="interval mean", gid="interval-mean")
+    ax.plot([e for e, _ in means], [m[name] for _, m in means], "o-", ms=4, lw=1.2, color="C1",
+            label="epoch mean", gid="epoch-mean")
+
+
+def plot_metric(ax, kind, data):
+    """FID, or KID ×100 with its std as error bars, of both directions against the evaluated epochs."""
+    for d, color in zip(DIRECTIONS, ("C2", "C3")):  # not C0/C1, the colours of the loss curves' two kinds
+        rows = [m for m in data["metrics"] if finite(m.get(f"{kind}_{d}"))]
+        x = [m["epoch"] for m in rows]
+        if kind == "fid":
+            ax.plot(x, [m[f"fid_{d}"] for m in rows], "o-", ms=4, color=color, label=d, gid=f"fid-{d}")
+            continue
+        std = [100 * m.get(f"kid_std_{d}", math.nan) for m in rows]
+        bars = ax.errorbar(x, [100 * m[f"kid_{d}"] for m in rows], yerr=[s if math.isfinite(s) else 0 for s in std],
+                           fmt="o-", ms=4, capsize=3, color=color, label=d)
+        bars.lines[0].set_gid(f"kid-{d}")  # the line of the means: what a test counts
+
+
+def panel(ax, name, data, small=False):
+    """One curve on ax with its title, axis names, the lr decay and a legend."""
+    (plot_metric if name in Y_LABELS else plot_loss)(ax, name, data)
+    epochs = [r["epoch"] for r in data["rows"]] + [m["epoch"] for m in data["metrics"]]
+    # --decay_epoch d: LambdaLR's epochs 0..d run at the full rate, so the lr falls from d + 1 epochs done on. Marked
+    # once that has happened: a line at epoch 101 of a run at epoch 2 would squash its curves to the left.
+    start = data["decay_epoch"] + 1 if data["decay_epoch"] is not None else None
+    if start is not None and epochs and start <= max(epochs):
+        ax.axvline(start, ls="--", lw=1, color="0.4", label="lr decay", gid="lr-decay")
+    ax.set_xlim(left=0)  # FID from epoch 2 on lines up with the losses from 0
+    ax.set_title(name if small else TITLES[name], fontsize="medium" if small else "large")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(Y_LABELS.get(name, name))
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))  # lr: 2 and 1e-4 above the axis, not 0.0002
+    if ax.get_legend_handles_labels()[0] and (not small or name in Y_LABELS):  # small losses: the figure's legend
+        ax.legend(loc="best")
+
+
+def write_atomic(path, write):
+    """write(file) on a temporary file next to path, then os.replace: a reader sees the old file or the new one,
+    never half of one (two redraws at once each use their own temporary file)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the page from a web server that serves the folder
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save(fig, path, **kwargs):
+    """The figure as path (format from its suffix), written atomically, with no date inside."""
+    fmt = path.suffix[1:]
+    metadata = {"Date": None} if fmt == "svg" else {}
+    return write_atomic(path, lambda f: fig.savefig(f, format=fmt, metadata=metadata, **kwargs))
+
+
+def set_margins(fig, left, bottom, right, top, **spacing):
+    """Margins in inches, fixed: a layout engine measures every label, seconds per figure on a small CPU."""
+    w, h = fig.get_size_inches()
+    fig.subplots_adjust(left=left / w, bottom=bottom / h, right=1 - right / w, top=1 - top / h, **spacing)
+
+
+def draw_plots(plots, data):
+    """plots/NAME.svg for each curve and plots/overview.png with all of them as small panels; their paths."""
+    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global figure list, no display backend, Agg for the PNG
+    plots.mkdir(exist_ok=True)
+    written, curves = [], data["curves"]
+    with matplotlib.rc_context(RC):
+        for name in curves:
+            with matplotlib.rc_context({**SVG_RC, "svg.id": f"figure-{name}"}):
+                fig = Figure(figsize=SVG_SIZE)
+                set_margins(fig, 0.8, 0.55, 0.15, 0.4)  # tick labels of up to 6 characters (sci notation past 1e4)
+                panel(fig.add_subplot(), name, data)
+                written.append(save(fig, plots / f"{name}.svg"))
+        n_rows = -(-len(curves) // OVERVIEW_COLUMNS)
+        fig = Figure(figsize=(OVERVIEW_COLUMNS * OVERVIEW_PANEL[0], n_rows * OVERVIEW_PANEL[1]))
+        set_margins(fig, 0.6, 0.45, 0.15, 0.7, wspace=0.35, hspace=0.65)
+        axes = fig.subplots(n_rows, OVERVIEW_COLUMNS, squeeze=False).ravel()
+        for ax, name in zip(axes, curves):
+            panel(ax, name, data, small=True)
+        for ax in axes[len(curves):]:
+            ax.set_visible(False)
+        # One legend for the loss panels: the same entries on each would hide the curves.
+        handles = dict(zip(*reversed(axes[0].get_legend_handles_labels())))
+        fig.legend(handles.values(), handles.keys(), loc="upper right", ncols=len(handles), frameon=False)
+        fig.suptitle(f"{data['name']}: losses and metrics against epochs", x=0.01, ha="left")
+        written.append(save(fig, plots / "overview.png", dpi=OVERVIEW_DPI))
+    return written
+
+
+def number(value, fmt=".2f"):
+    """A table cell's text: the number, or a dash for a missing one."""
+    return format(value, fmt) if finite(value) else "–"
+
+
+def metrics_table(metrics):
+    """The metrics.csv rows as an HTML table, the epoch with the lowest FID A→B + B→A in bold and marked."""
+    sums = [m.get("fid_A2B", math.nan) + m.get("fid_B2A", math.nan) for m in metrics]
+    best = min((s, i) for i, s in enumerate(sums) if math.isfinite(s))[1] if any(map(math.isfinite, sums)) else None
+    head = ["epoch", "step"] + [f"{k} {d[0]}→{d[2]}" for d in DIRECTIONS for k in ("FID", "KID ×100")] + ["FID sum", ""]
+    lines = ["<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"]
+    for i, m in enumerate(metrics):
+        cells = [number(m["epoch"], "g"), number(m.get("step", math.nan), ".0f")]
+        for d in DIRECTIONS:
+            kid, std = 100 * m.get(f"kid_{d}", math.nan), 100 * m.get(f"kid_std_{d}", math.nan)
+            cells += [number(m.get(f"fid_{d}", math.nan)), f"{number(kid)} ± {number(std)}" if finite(kid) else "–"]
+        cells += [number(sums[i]), "best" if i == best else ""]
+        lines.append(f"<tr{' class=best' if i == best else ''}>"
+                     + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    return "\n".join(lines + ["</table>"])
+
+
+def sample_grids(output_dir):
+    """[(epoch, relative path)] of OUTPUT_DIR/samples/epoch_NNN.png, newest first."""
+    found = []
+    for path in (Path(output_dir) / "samples").glob("epoch_*.png"):
+        match = re.fullmatch(r"epoch_(\d+)\.png", path.name)
+        if match and path.is_file():
+            found.append((int(match[1]), f"samples/{path.name}"))
+    return sorted(found, reverse=True)
+
+
+def figure_html(src, caption, alt):
+    """One <figure>: the image, linked to itself, and its caption."""
+    return (f'<figure><a href="{quote(src)}"><img src="{quote(src)}" alt="{html.escape(alt)}" loading="lazy"></a>'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def page_html(output_dir, data):
+    """training.html: where the run stands, the curves, the metrics table and the sample grids, newest first."""
+    out = Path(output_dir)
+    name = html.escape(data["name"])
+    parts = [f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>CycleGAN training: {name}</title>'
+             f"<style>{PAGE_STYLE}</style></head><body>\n<h1>CycleGAN training: {name}</h1>"]
+    last = data["rows"][-1] if data["rows"] else {}
+    status = f"last logged: step {last['step']:.0f}, epoch {last['epoch']:.2f}" if last else "nothing logged yet"
+    if finite(last.get("seconds")):
+        s = last["seconds"]
+        status += f", training time {s // 3600:.0f}:{s % 3600 // 60:02.0f}:{s % 60:02.0f}"  # past 24 h too
+    links = ' · <a href="index.html">test results</a>' if (out / "index.html").is_file() else ""
+    if data["curves"]:
+        links += ' · <a href="plots/overview.png">all curves in one PNG</a>'
+    parts.append(f'<p class="note">{html.escape(status)}{links}</p>')
+    if data["curves"]:
+        parts.append("<h2>Curves</h2>\n<div class=\"grid\">" + "".join(
+            figure_html(f"plots/{c}.svg", f"{c}.svg", TITLES[c]) for c in data["curves"]) + "</div>")
+    if data["metrics"]:
+        parts += ["<h2>FID and KID</h2>", f'<div class="wide">{metrics_table(data["metrics"])}</div>',
+                  '<p class="note">translations of the test images against the real ones of the other domain</p>']
+    grids = sample_grids(out)
+    if grids:
+        parts.append("<h2>Samples, newest first</h2>\n<div class=\"grid\">" + "".join(
+            figure_html(src, f"epoch {epoch}", f"samples after epoch {epoch}") for epoch, src in grids) + "</div>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def draw(output_dir, decay_epoch=None):
+    """Redraw OUTPUT_DIR/plots/*.svg, plots/overview.png and training.html from the files of the run; their paths.
+    Raises FileNotFoundError without losses.csv and OSError when plots/ or the page cannot be written (the command
+    turns either into one line)."""
+    from utils import shown
+    out = Path(output_dir)
+    data = run_data(out, decay_epoch)
+    data["name"] = shown(out.resolve().name or out)
+    written = draw_plots(out / "plots", data) if data["rows"] else []
+    page = page_html(out, data).encode("utf-8")
+    written.append(write_atomic(out / "training.html", lambda f: f.write(page)))
+    return written
+
+
+class Background:
+    """Runs `python figures.py OUTPUT_DIR --quiet` in a subprocess, one at a time: the caller (the training loop)
+    pays only for starting a process. A submit while one runs is remembered and run when it has ended (seen at the
+    next submit, or at close). A process that cannot start, fails or crashes never raises here."""
+
+    SCRIPT = Path(__file__).resolve().with_name("figures.py")
+
+    def __init__(self):
+        self.proc, self.pending, self.failed = None, None, False
+
+    def submit(self, output_dir, decay_epoch=None):
+        """Redraw output_dir now, or once more after the redraw that is still running; nothing more after a redraw
+        that failed (it said why, in its one line)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.pending = (output_dir, decay_epoch)  # a newer submit replaces an older pending one
+            return
+        self.failed = self.failed or bool(self.proc and self.proc.returncode)
+        self.pending = None
+        if not self.failed:
+            self._start(output_dir, decay_epoch)
+
+    def close(self, timeout=60):
+        """Wait for the running redraw, then run the pending one, within `timeout` seconds in all; a redraw still
+        running then is left to finish on its own (it writes every file atomically)."""
+        deadline = time.monotonic() + timeout
+        for _ in range(2):
+            if self.proc is not None:
+                try:
+                    self.proc.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    return
+            if self.pending is None or (self.proc is not None and self.proc.returncode):
+                return
+            (output_dir, decay_epoch), self.pending = self.pending, None
+            self._start(output_dir, decay_epoch)
+
+    def _start(self, output_dir, decay_epoch):
+        """Start the redraw of output_dir; a process that cannot start is one warning line."""
+        cmd = [sys.executable, str(self.SCRIPT), str(output_dir), "--quiet"]
+        if decay_epoch is not None:
+            cmd += ["--decay_epoch", str(decay_epoch)]
+        try:
+            # A session of its own: Ctrl-C stops the training, which then asks for the last redraw; it does not
+            # kill the redraw halfway with a traceback. stderr is the training's, for the one warning line.
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         start_new_session=True)
+        except OSError as e:  # no interpreter to run (a removed environment): one line, the training goes on
+            self.proc = None
+            print(f"warning: figures not drawn ({e})", file=sys.stderr)
+
+
+def get_parser():
+    """The command line: a run's folder, and where the lr decay starts."""
+    p = argparse.ArgumentParser(description="Redraw the curves and training.html of a run from its files.")
+    p.add_argument("output_dir", help="the run's folder (train.py's --output_dir): losses.csv, metrics.csv, samples/")
+    p.add_argument("--decay_epoch", type=float, default=None,
+                   help="train.py's --decay_epoch N: the lr falls from N + 1 epochs done on, marked there "
+                        "(default: from OUTPUT_DIR/checkpoint.pth)")
+    p.add_argument("--quiet", action="store_true", help="no line when all went well (the background redraw)")
+    return p
+
+
+def main(args):
+    """Check the folder, draw, and say so in one line (an error, a warning, or what was written)."""
+    out = Path(args.output_dir)
+    if not out.is_dir():
+        sys.exit(f"error: {out} is not a folder: pass a run's output folder (train.py's --output_dir)")
+    if not (out / "losses.csv").is_file():
+        sys.exit(f"error: {out} has no losses.csv: train.py writes it from the first display interval on")
+    try:
+        written = draw(out, args.decay_epoch)
+    except Exception as e:  # a bad file, a full disk, an unwritable plots/: one line, and a training run goes on
+        message = " ".join(f"{type(e).__name__}: {e}".split())  # one line, whatever the message holds
+        print(f"warning: figures not drawn ({message}); training goes on without them, and `python figures.py "
+              f"{out}` draws them once the cause is fixed", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        from utils import shown  # loaded by draw(): free now
+        print(f"wrote {len(written)} files: {shown(out / 'training.html')}, {shown(out / 'plots')}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_parser().parse_args()))
