@@ -238,13 +238,13 @@ def loader_workers(n_cpu, n_items):
     return max(0, min(n_cpu, cpus, n_items))
 
 
-# On --resume: flags left at their default take the run's saved value, except LOCAL_FLAGS: where to run, where
-# data goes and whether to draw figures come from this command line alone, never from a checkpoint file (which may be
-# someone else's). RUN_FLAGS may be given a new value; any other flag given with a new value is refused.
+# On --resume: flags left at their default take the run's saved value, except LOCAL_FLAGS: where to run, and where
+# data goes, come from this command line alone, never from a checkpoint file (which may be someone else's). RUN_FLAGS
+# may be given a new value; any other flag given with a new value is refused.
 LOCAL_FLAGS = {"cuda", "n_cpu", "output_dir", "resume", "eager", "display_server", "display_port", "display_env",
-               "fid_weights", "no_figures"}
+               "fid_weights"}
 RUN_FLAGS = {"epoch", "n_epochs", "decay_epoch", "dataroot", "save_freq", "deterministic", "display_freq", "no_visdom",
-             "n_samples", "eval_freq", "keep_best"}
+             "n_samples", "eval_freq", "keep_best", "no_figures"}
 ARCH_FLAGS = {"input_nc", "output_nc", "n_blocks"}
 
 

@@ -49,6 +49,10 @@ elif mode == "raise" and rank == 1:
             raise RuntimeError("injected failure on rank 1")
         return step(self, losses)
     report.Logger.step = broken
+elif mode == "tiny":  # FID/KID with the tests' tiny feature extractor in place of Inception
+    sys.path.insert(0, root + "/tests")
+    import metrics, test_metrics
+    metrics.EXTRACTOR = test_metrics.TINY
 sys.argv = [root + "/train.py"] + sys.argv[4:]
 try:
     runpy.run_path(root + "/train.py", run_name="__main__")
@@ -64,9 +68,10 @@ def torchrun(tmp_path, n, *args, mode="none", out_file="", background=False):
     wrapper.write_text(WRAPPER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", str(wrapper),
            str(ROOT), mode, str(out_file), *map(str, args)]
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch_home")}  # FID's cached features of the real images
     if background:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
 def kill_tree(pid):
@@ -106,10 +111,11 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_step(tmp_path_factory):
-    """2 processes x batch 1 on 2 A images (one step), replay buffers off."""
+    """2 processes x batch 1 on 2 A images (one step), replay buffers off; FID/KID and a sample sheet at the end."""
     tmp = tmp_path_factory.mktemp("ddp")
-    data = make_dataset(tmp / "data", n_A=2, n_B=2, size=(28, 30), modes=("RGB", "L"), test=False)
-    r = torchrun(tmp, 2, "--dataroot", data, "--output_dir", tmp / "out", *RUN, "--pool_size", "0")
+    data = make_dataset(tmp / "data", n_A=2, n_B=2, size=(28, 30), modes=("RGB", "L"))
+    r = torchrun(tmp, 2, "--dataroot", data, "--output_dir", tmp / "out", *RUN, "--pool_size", "0", "--eval_freq", "1",
+                 "--n_samples", "1", mode="tiny")
     assert r.returncode == 0, r.stdout + r.stderr
     return tmp, data, r
 
@@ -133,8 +139,11 @@ def test_a_torchrun_run_writes_one_set_of_files(one_step):
     ckpt, _ = states(out)
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == len(ckpt["fake_A_buffer"]) == 2
     assert [row["step"] for row in loss_rows(out)] == ["1"]  # one writer
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        [".lock", "checkpoint.pth", "losses.csv", "netD_A.pth", "netD_B.pth", "netG_A2B.pth", "netG_B2A.pth"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([".lock", "checkpoint.pth", "losses.csv", "metrics.csv",
+                                                            "netD_A.pth", "netD_B.pth", "netG_A2B.pth", "netG_B2A.pth",
+                                                            "samples"])
+    assert r.stdout.count("epoch 1: FID A2B") == 1 and len((out / "metrics.csv").read_text().splitlines()) == 2
+    assert [p.name for p in (out / "samples").iterdir()] == ["epoch_001.png"]
 
 
 def test_ranks_hold_identical_weights_after_every_step(reference):

@@ -114,7 +114,7 @@ def test_sigkill_at_a_random_moment_then_resume_ends_as_the_uninterrupted_run(da
     curves (the SVGs are byte for byte those of the uninterrupted run)."""
     ref, _ = reference
     out = tmp_path / "run"
-    proc = train(data, out, "--no_figures", background=True)
+    proc = train(data, out, background=True)
     while not (out / "checkpoint.pth").exists():
         assert proc.poll() is None, proc.communicate()[0]
         time.sleep(0.02)
