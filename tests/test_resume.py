@@ -65,7 +65,8 @@ def wait_for_checkpoint(out, proc):
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("n_cpu", ["0", "2"])
+# With loader workers; tests/test_epoch_end.py kills a run without them (and with evaluation, sheets and figures on).
+@pytest.mark.parametrize("n_cpu", ["2"])
 def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(data, reference, tmp_path, n_cpu):
     out = tmp_path / "run"
     proc = start_training(data, out, "--n_cpu", n_cpu)
