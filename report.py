@@ -72,10 +72,12 @@ def sample_sheet(G_A2B, G_B2A, samples, device, memory_format, autocast):
 
 
 def write_png(picture, path):
-    """A (3, H, W) uint8 picture as PNG, atomically: a reader never sees half a file, a link at path is replaced."""
+    """A (C, H, W) uint8 picture (numpy, or a CPU tensor; C = 1 is written gray) as PNG, atomically: a reader never
+    sees half a file, and a file or planted link at path is replaced, never written through."""
+    pixels = np.asarray(picture).transpose(1, 2, 0)  # (H, W, C)
     tmp = path.with_name(f".{path.name}.tmp")
     with open_new(tmp) as f:
-        Image.fromarray(picture.transpose(1, 2, 0)).save(f, format="PNG")
+        Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels).save(f, format="PNG")
     os.replace(tmp, path)
 
 

@@ -25,11 +25,11 @@ from urllib.parse import quote
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from datasets import ImageFolder, domain_dir, fit_size, format_bad, list_images, load_image
 from models import load_generator, padded_size, translate
+from report import write_png
 from utils import cannot_write, channels_problem, loader_workers, open_new, precision, shown, to_uint8
 
 
@@ -110,13 +110,6 @@ def batches(loader, batch_size, bad, max_pixels):
         group.append((image, i))
     if group:
         yield torch.stack([g[0] for g in group]), [g[1] for g in group]
-
-
-def save_png(x, path):
-    """(C, H, W) uint8 -> PNG, gray when C == 1; a file (or planted link) already at path is replaced, not written
-    through."""
-    with open_new(path) as f:
-        Image.fromarray(x.permute(1, 2, 0).squeeze(-1).numpy()).save(f, format="PNG")
 
 
 def psnr(a, b):
@@ -207,7 +200,7 @@ def main(args):
                     name, source = folder.names[i], folder.files[i]
                     try:
                         for d, r in zip(folders, results):
-                            save_png(r[k], out / d / f"{name}.png")
+                            write_png(r[k], out / d / f"{name}.png")
                     except OSError as e:  # a full disk, a name the file system refuses, ...
                         print(f"skipped {shown(source)}: cannot write its results ({e})", file=sys.stderr)
                         skipped.append((source, f"cannot write its results ({e.strerror or e})"))
