@@ -198,7 +198,8 @@ def test_sigkill_of_the_job_then_resume_on_2_processes_is_exact_and_on_1_finishe
     if killed_at < 6:
         assert "the run had 2 process(es), this one has 1" in r.stdout
     c, _ = states(tmp_path / "on1")
-    assert c["position"] == [3, 0] and c["world_size"] == 1
+    # A kill that came after the job had finished leaves its last checkpoint, which the 1-process resume only reads.
+    assert c["position"] == [3, 0] and c["world_size"] == (1 if killed_at < 6 else 2)
     rows = loss_rows(tmp_path / "on1")
     assert rows[:killed_at] == loss_rows(reference / "out")[:killed_at] and float(rows[-1]["epoch"]) == 3.0
 
