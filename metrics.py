@@ -34,7 +34,8 @@ from torch_fidelity.utils import glob_samples_paths
 
 from datasets import test_images
 from models import translate
-from utils import first_line, load_weights, open_new, precision, shown, to_uint8
+from report import keep_rows
+from utils import first_line, load_weights, precision, shown, to_uint8
 
 INCEPTION = "inception-v3-compat"
 # The extractor evaluate() and protocol() use unless told otherwise. Tests point it at a tiny extractor they
@@ -212,7 +213,7 @@ class Tracker:
 
     def __init__(self, output_dir, dataroot, input_nc, output_nc, resumed_epoch=None, cuda=False, weights=None):
         self.path, self.cuda, self.weights = Path(output_dir) / "metrics.csv", cuda, weights
-        self.rows = read_rows(self.path, resumed_epoch)
+        self.rows = keep_rows(self.path, COLUMNS, "epoch", resumed_epoch)
         self.files, self.real, self.cache = {}, {}, {}
         for domain, nc in (("A", input_nc), ("B", output_nc)):
             images, self.files[domain] = test_images(dataroot, domain, nc)
@@ -242,25 +243,6 @@ class Tracker:
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, COLUMNS).writerow(row)
         return row, best
-
-
-def read_rows(path, resumed_epoch):
-    """metrics.csv's rows up to resumed_epoch, the file rewritten with just those; a new run (None) keeps an old
-    file under another name."""
-    rows = []
-    if path.exists() and resumed_epoch is not None:
-        with open(path, newline="") as f:
-            rows = [{k: int(v) if k in ("epoch", "step") else float(v) for k, v in r.items()}
-                    for r in csv.DictReader(f) if None not in r.values() and int(r["epoch"]) <= resumed_epoch]
-    elif path.exists():
-        path.rename(path.with_name(f"metrics.{int(path.stat().st_mtime)}.csv"))
-    tmp = path.with_name("metrics.csv.tmp")
-    with open_new(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-    return rows
 
 
 @torch.inference_mode()

@@ -81,6 +81,25 @@ def write_png(picture, path):
     os.replace(tmp, path)
 
 
+def keep_rows(path, columns, key, last):
+    """A CSV history's rows whose `key` is at most `last`, the file rewritten with just those (a resumed run redoes
+    the rest); last None: a new run, and an old file is kept under another name. Cut or damaged lines are left out."""
+    rows = []
+    if path.exists() and last is not None:
+        with open(path, newline="") as f:
+            rows = [{k: int(v) if k in (key, "step") else float(v) for k, v in r.items()}  # losses: epoch is fractional
+                    for r in csv.DictReader(f) if None not in r.values() and int(r[key]) <= last]
+    elif path.exists():
+        path.rename(path.with_name(f"{path.stem}.{int(path.stat().st_mtime)}{path.suffix}"))
+    tmp = path.with_name(path.name + ".tmp")
+    with open_new(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows({k: r.get(k, float("nan")) for k in columns} for r in rows)
+    os.replace(tmp, path)
+    return rows
+
+
 class Logger:
     """Keeps each step's losses on the device and, once per display interval, averages them (one sync), appends a
     row to losses.csv, updates the progress bar (or prints a line when stderr is not a terminal) and hands the
@@ -103,20 +122,7 @@ class Logger:
 
     def _read_history(self, step):
         """The rows up to `step`: rows a killed run logged after its last checkpoint are redone, so dropped."""
-        rows = []
-        if self.path.exists() and step > 0:
-            with open(self.path, newline="") as f:
-                rows = [{k: int(v) if k == "step" else float(v) for k, v in r.items()}
-                        for r in csv.DictReader(f) if int(r["step"]) <= step]
-        elif self.path.exists():  # a fresh run: keep the old file under another name
-            self.path.rename(self.path.with_name(f"losses.{int(self.path.stat().st_mtime)}.csv"))
-        tmp = self.path.with_name("losses.csv.tmp")
-        with open_new(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, self.columns)
-            writer.writeheader()
-            writer.writerows({k: r.get(k, float("nan")) for k in self.columns} for r in rows)
-        os.replace(tmp, self.path)
-        return rows
+        return keep_rows(self.path, self.columns, "step", step if step > 0 else None)
 
     def seconds(self):
         """Training time of the whole run, over resumes."""
