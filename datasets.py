@@ -22,7 +22,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from downloads import DATASETS, download_dataset, download_pretrained, print_list
-from utils import ignore_signals, loader_workers, shown
+from files import shown
+from runtime import ignore_signals, loader_workers
 
 # An image file is decoded only if it has at most MAX_PIXELS pixels (PIL's decompression-bomb limit, 89.5 million:
 # 268 MB as RGB), and a training image only if resizing it for its crop makes at most MAX_RESIZED_PIXELS (an aspect

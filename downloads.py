@@ -24,7 +24,7 @@ from tqdm import tqdm
 from urllib3.util.retry import Retry
 
 from models import load_generator
-from utils import open_new
+from files import open_new
 
 DATASET_URLS = ("http://efrosgans.eecs.berkeley.edu/cyclegan/datasets",  # current location
                 "https://people.eecs.berkeley.edu/~taesung_park/CycleGAN/datasets")  # older one, tried second

@@ -2,32 +2,33 @@
 and OUTPUT_DIR/training.html with the curves, the FID/KID table and the per-epoch sample grids.
 
     python figures.py output/horse2zebra                     # redraw from losses.csv: a finished, running or old run
-    python figures.py output/horse2zebra --decay_epoch 100   # mark the lr decay here (default: checkpoint.pth's args)
+    python figures.py output/horse2zebra --decay_epoch 100   # mark the lr decay here (default: where the logged lr falls)
 
 During training, Background().submit(OUTPUT_DIR, decay_epoch) runs the same command in a subprocess at each epoch end:
 the training thread only starts a process, and a figure that cannot be drawn costs one warning line on stderr.
 Exit codes: 0 drawn, 1 an error of the caller (no such folder, no losses.csv), 2 the figures could not be drawn.
 """
 import argparse
-import csv
 import html
+import json
 import math
-import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
 
-# torch, matplotlib and utils (which imports torch) are imported where they are used: train.py imports this module
-# for Background, and the command answers a wrong folder at once instead of after seconds of imports.
+from files import read_rows, shown, write_atomic
+
+# No torch here (a redraw would spend seconds importing it), and matplotlib is imported where it is used: train.py
+# imports this module for Background, and the command answers a wrong folder at once.
 
 LOSSES = ["loss_G", "loss_D", "loss_G_cycle", "loss_G_GAN", "loss_G_identity", "loss_D_A", "loss_D_B", "lr"]
 DIRECTIONS = ["A2B", "B2A"]
+BEST = "best_netG.json"  # which epoch best_netG_*.pth hold (train.py --keep_best)
 TITLES = {  # what each curve is, from models.py's objective and train.py's step
     "loss_G": "loss_G = GAN + cycle + identity", "loss_D": "loss_D = loss_D_A + loss_D_B",
     "loss_G_cycle": "loss_G_cycle: L1 of A→B→A and B→A→B", "loss_G_GAN": "loss_G_GAN: fakes judged real (LSGAN)",
@@ -48,37 +49,9 @@ PAGE_STYLE = ("body{font-family:sans-serif;margin:1em;max-width:1900px}table{bor
               "figcaption{text-align:center;color:#555;font-size:90%}.note{color:#555}.wide{overflow-x:auto}")
 
 
-def read_csv(path):
-    """The complete rows of a CSV file as {column: float} (an empty cell is NaN); a line cut short by a writer that
-    is still appending, or one that does not parse, is left out."""
-    rows = []
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
-        for r in csv.DictReader(f):
-            try:
-                if None in r or None in r.values():  # too many cells, or too few: a partial or damaged line
-                    continue
-                rows.append({k: float(v) if v.strip() else math.nan for k, v in r.items()})
-            except ValueError:
-                continue
-    return rows
-
-
 def finite(value):
     """Whether value is a float that is neither NaN nor infinite (a missing cell is NaN)."""
     return isinstance(value, float) and math.isfinite(value)
-
-
-def checkpoint_args(output_dir):
-    """The "args" dict of OUTPUT_DIR/checkpoint.pth, or {} when there is none or it cannot be read."""
-    path = Path(output_dir) / "checkpoint.pth"
-    if not path.is_file():
-        return {}
-    import torch
-    try:  # mmap: the weights (hundreds of MB) are never read, only the small pickle that holds args
-        args = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("args")
-    except Exception:  # damaged, from a version with a Namespace inside, not a zip file: the figures go on without
-        return {}
-    return args if isinstance(args, dict) else {}
 
 
 def epoch_means(rows, names):
@@ -93,15 +66,23 @@ def epoch_means(rows, names):
     return means
 
 
+def logged_decay(rows):
+    """--decay_epoch as the logged lr shows it: a row of epoch e (in (k, k + 1]) was trained at factor lr_lambda(k),
+    which first falls below 1 at k = decay_epoch + 1. None while the lr has not fallen."""
+    top = max((r["lr"] for r in rows if finite(r.get("lr"))), default=math.nan)
+    fallen = [r["epoch"] for r in rows if finite(r.get("lr")) and r["lr"] < top]
+    return math.ceil(fallen[0]) - 2 if fallen else None
+
+
 def run_data(output_dir, decay_epoch=None):
     """What the figures show: loss rows, epoch means, metrics rows, the lr decay epoch, and the curves to draw."""
     out = Path(output_dir)
-    rows = [r for r in read_csv(out / "losses.csv") if finite(r.get("step")) and finite(r.get("epoch"))]
-    metrics = read_csv(out / "metrics.csv") if (out / "metrics.csv").is_file() else []
+    rows = [r for r in read_rows(out / "losses.csv") if finite(r.get("step")) and finite(r.get("epoch"))]
+    metrics = read_rows(out / "metrics.csv", text=("weights",)) if (out / "metrics.csv").is_file() else []
     metrics = [r for r in metrics if finite(r.get("epoch"))]
     names = [n for n in LOSSES if rows and n in rows[0]]  # a column an older run did not write is left out
     if decay_epoch is None:
-        decay_epoch = checkpoint_args(out).get("decay_epoch")
+        decay_epoch = logged_decay(rows)
     curves = names + [k for k in Y_LABELS if any(finite(m.get(f"{k}_{d}")) for m in metrics for d in DIRECTIONS)]
     return {"rows": rows, "means": epoch_means(rows, names), "metrics": metrics, "curves": curves,
             "decay_epoch": decay_epoch if isinstance(decay_epoch, int | float) else None}
@@ -146,21 +127,6 @@ def panel(ax, name, data, small=False):
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))  # lr: 2 and 1e-4 above the axis, not 0.0002
     if ax.get_legend_handles_labels()[0] and (not small or name in Y_LABELS):  # small losses: the figure's legend
         ax.legend(loc="best")
-
-
-def write_atomic(path, write):
-    """write(file) on a temporary file next to path, then os.replace: a reader sees the old file or the new one,
-    never half of one (two redraws at once each use their own temporary file)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the page from a web server that serves the folder
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save(fig, path, **kwargs):
@@ -210,10 +176,32 @@ def number(value, fmt=".2f"):
     return format(value, fmt) if finite(value) else "–"
 
 
-def metrics_table(metrics):
-    """The metrics.csv rows as an HTML table, the epoch with the lowest FID A→B + B→A in bold and marked."""
-    sums = [m.get("fid_A2B", math.nan) + m.get("fid_B2A", math.nan) for m in metrics]
-    best = min((s, i) for i, s in enumerate(sums) if math.isfinite(s))[1] if any(map(math.isfinite, sums)) else None
+def fid_sum(row):
+    """FID A→B + FID B→A of a metrics row (NaN if either is missing): what "best" means."""
+    return row.get("fid_A2B", math.nan) + row.get("fid_B2A", math.nan)
+
+
+def best_row(rows):
+    """The metrics row of the lowest FID A→B + B→A (the first of equals), or None."""
+    return min((r for r in rows if math.isfinite(fid_sum(r))), key=fid_sum, default=None)
+
+
+def kept_epoch(output_dir):
+    """The epoch whose generators best_netG_*.pth hold (best_netG.json, with both files there), or None."""
+    out = Path(output_dir)
+    try:
+        epoch = json.loads((out / BEST).read_text())["epoch"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    both = all((out / f"best_netG_{d}.pth").is_file() for d in DIRECTIONS)
+    return epoch if both and isinstance(epoch, int) and not isinstance(epoch, bool) else None
+
+
+def metrics_table(metrics, kept=None):
+    """The metrics.csv rows as an HTML table, the epoch with the lowest FID A→B + B→A in bold and marked "best",
+    and the one whose generators best_netG_*.pth hold (kept: its epoch) marked "kept"."""
+    sums = [fid_sum(m) for m in metrics]
+    best = next((i for i, m in enumerate(metrics) if m is best_row(metrics)), None)
     head = ["epoch", "step"] + [f"{k} {d[0]}→{d[2]}" for d in DIRECTIONS for k in ("FID", "KID ×100")] + ["FID sum", ""]
     lines = ["<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"]
     for i, m in enumerate(metrics):
@@ -221,7 +209,7 @@ def metrics_table(metrics):
         for d in DIRECTIONS:
             kid, std = 100 * m.get(f"kid_{d}", math.nan), 100 * m.get(f"kid_std_{d}", math.nan)
             cells += [number(m.get(f"fid_{d}", math.nan)), f"{number(kid)} ± {number(std)}" if finite(kid) else "–"]
-        cells += [number(sums[i]), "best" if i == best else ""]
+        cells += [number(sums[i]), " · ".join(["best"] * (i == best) + ["kept as best_netG_*"] * (m["epoch"] == kept))]
         lines.append(f"<tr{' class=best' if i == best else ''}>"
                      + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     return "\n".join(lines + ["</table>"])
@@ -262,7 +250,7 @@ def page_html(output_dir, data):
         parts.append("<h2>Curves</h2>\n<div class=\"grid\">" + "".join(
             figure_html(f"plots/{c}.svg", f"{c}.svg", TITLES[c]) for c in data["curves"]) + "</div>")
     if data["metrics"]:
-        parts += ["<h2>FID and KID</h2>", f'<div class="wide">{metrics_table(data["metrics"])}</div>',
+        parts += ["<h2>FID and KID</h2>", f'<div class="wide">{metrics_table(data["metrics"], kept_epoch(out))}</div>',
                   '<p class="note">translations of the test images against the real ones of the other domain</p>']
     grids = sample_grids(out)
     if grids:
@@ -272,40 +260,46 @@ def page_html(output_dir, data):
     return "\n".join(parts)
 
 
-def draw(output_dir, decay_epoch=None):
-    """Redraw OUTPUT_DIR/plots/*.svg, plots/overview.png and training.html from the files of the run; their paths.
-    Raises FileNotFoundError without losses.csv and OSError when plots/ or the page cannot be written (the command
-    turns either into one line)."""
-    from utils import shown
+def draw(output_dir, decay_epoch=None, plots=True):
+    """Redraw OUTPUT_DIR/plots/*.svg, plots/overview.png (unless not plots) and training.html from the files of the
+    run; their paths. The page is written also when the plots cannot be (no matplotlib, an unwritable plots/), with
+    the curves that are on disk, and the plots' error is raised after it; FileNotFoundError without losses.csv."""
     out = Path(output_dir)
     data = run_data(out, decay_epoch)
     data["name"] = shown(out.resolve().name or out)
-    written = draw_plots(out / "plots", data) if data["rows"] else []
+    written, failed = [], None
+    try:
+        written = draw_plots(out / "plots", data) if plots and data["rows"] else []
+    except Exception as e:  # the command turns it into one line, after the page is written
+        failed = e
+    if failed or not plots:
+        data["curves"] = [c for c in data["curves"] if (out / "plots" / f"{c}.svg").is_file()]
     page = page_html(out, data).encode("utf-8")
     written.append(write_atomic(out / "training.html", lambda f: f.write(page)))
+    if failed:
+        raise failed
     return written
 
 
 class Background:
     """Runs `python figures.py OUTPUT_DIR --quiet` in a subprocess, one at a time: the caller (the training loop)
     pays only for starting a process. A submit while one runs is remembered and run when it has ended (seen at the
-    next submit, or at close). A process that cannot start, fails or crashes never raises here."""
+    next submit, or at close). A process that cannot start, fails or crashes never raises here; after one failed
+    redraw (its one warning line said why) the later ones run without a word, so the page stays current."""
 
     SCRIPT = Path(__file__).resolve().with_name("figures.py")
 
     def __init__(self):
-        self.proc, self.pending, self.failed = None, None, False
+        self.proc, self.pending, self.failed = None, None, False  # failed: one redraw said why; the rest are quiet
 
     def submit(self, output_dir, decay_epoch=None):
-        """Redraw output_dir now, or once more after the redraw that is still running; nothing more after a redraw
-        that failed (it said why, in its one line)."""
+        """Redraw output_dir now, or once more after the redraw that is still running."""
         if self.proc is not None and self.proc.poll() is None:
             self.pending = (output_dir, decay_epoch)  # a newer submit replaces an older pending one
             return
         self.failed = self.failed or bool(self.proc and self.proc.returncode)
         self.pending = None
-        if not self.failed:
-            self._start(output_dir, decay_epoch)
+        self._start(output_dir, decay_epoch)
 
     def close(self, timeout=60):
         """Wait for the running redraw, then run the pending one, within `timeout` seconds in all; a redraw still
@@ -317,7 +311,8 @@ class Background:
                     self.proc.wait(max(0.0, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     return
-            if self.pending is None or (self.proc is not None and self.proc.returncode):
+            self.failed = self.failed or bool(self.proc and self.proc.returncode)
+            if self.pending is None:
                 return
             (output_dir, decay_epoch), self.pending = self.pending, None
             self._start(output_dir, decay_epoch)
@@ -331,7 +326,7 @@ class Background:
             # A session of its own: Ctrl-C stops the training, which then asks for the last redraw; it does not
             # kill the redraw halfway with a traceback. stderr is the training's, for the one warning line.
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         start_new_session=True)
+                                         stderr=subprocess.DEVNULL if self.failed else None, start_new_session=True)
         except OSError as e:  # no interpreter to run (a removed environment): one line, the training goes on
             self.proc = None
             print(f"warning: figures not drawn ({e})", file=sys.stderr)
@@ -363,7 +358,6 @@ def main(args):
               f"{out}` draws them once the cause is fixed", file=sys.stderr)
         return 2
     if not args.quiet:
-        from utils import shown  # loaded by draw(): free now
         print(f"wrote {len(written)} files: {shown(out / 'training.html')}, {shown(out / 'plots')}/")
     return 0
 

@@ -1,4 +1,4 @@
-"""FID and KID of translated images against real ones, computed by torch-fidelity with the pytorch-fid protocol.
+"""FID and KID of translated images against real ones, computed by torch-fidelity with pytorch-fid's Inception weights.
 
     python test.py --dataroot datasets/horse2zebra --metrics           # B/ against real test/B, A/ against test/A
     python test.py --input photos/ --metrics --reference zebras/        # any translations against any real images
@@ -11,31 +11,36 @@ From Python (train.py during training):
     r["fid"], r["kid_mean"], r["kid_std"]             # fakes: uint8 (C, H, W) tensors, a folder or a Dataset
     metrics.protocol()                                 # what was measured, for metrics.json
 
-FID uses torch-fidelity's "inception-v3-compat": the TF-Inception of pytorch-fid and TTUR (2048 pool features of
-images resized to 299 px as TensorFlow 1 resized them), so the numbers compare with papers' tables. KID is the
-unbiased MMD^2 with the polynomial kernel (x.y / d + 1)^3, mean and std over 100 subsets of min(1000, smaller set).
+The protocol is torch-fidelity's, exactly: its "inception-v3-compat" extractor holds the TF-Inception weights of
+pytorch-fid and TTUR (2048 pool features), but resizes to 299 px as TensorFlow 1 did and scales by (x - 128) / 128,
+where pytorch-fid 0.3 resizes bilinearly (align_corners=False) and scales by 2x - 1. Measured on the same folders of
+256 px scenes, torch-fidelity's FID came out 0.4-0.6% below pytorch-fid's (308.2 vs 310.0, 325.8 vs 327.1): papers'
+tables compare to about that. Every image is decoded by this repository's loader (datasets.load_image), on both
+sides. KID is the unbiased MMD^2 with the polynomial kernel (x.y / d + 1)^3, mean and std over 100 subsets of
+min(1000, smaller set); when both sets have that size every subset is the whole of both, and the std is NaN.
 """
-import csv
 import hashlib
+import math
 import os
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
 import torch_fidelity
-from PIL import Image
+from PIL import ExifTags, Image
 from torch.utils.data import Dataset
-from torch_fidelity.datasets import ImagesPathDataset
 from torch_fidelity.defaults import DEFAULTS
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-from torch_fidelity.utils import glob_samples_paths
 
-from datasets import test_images
-from models import translate
-from report import keep_rows
-from utils import first_line, load_weights, precision, shown, to_uint8
+from datasets import list_images, load_image, test_images
+from models import padded_size, translate
+from checkpoints import load_weights
+from files import append_row, keep_rows, shown
+from runtime import BYTES_PER_PIXEL, precision
+from utils import first_line, to_uint8
 
 INCEPTION = "inception-v3-compat"
 # The extractor evaluate() and protocol() use unless told otherwise. Tests point it at a tiny extractor they
@@ -100,18 +105,31 @@ class RGB(Dataset):
         return x.expand(3, -1, -1) if x.shape[0] == 1 else x
 
 
+class Decoded(Dataset):
+    """Image files decoded as training and test.py decode them (EXIF rotation applied, alpha over white, 16-bit
+    scaled, gray repeated to RGB), as uint8 (3, H, W) tensors: both sides of a comparison go through one decoder."""
+
+    def __init__(self, files):
+        self.files = files
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.array(load_image(self.files[i], 3))).permute(2, 0, 1).contiguous()
+
+
 def as_dataset(images, which):
-    """A folder (its png/jpg/jpeg files, found as the library finds them), a list of files, or uint8 tensors ->
-    a Dataset of uint8 (3, H, W) tensors."""
+    """A folder (its image files), a list of files, or uint8 tensors -> a Dataset of uint8 (3, H, W) tensors."""
     if isinstance(images, (str, Path)):
         if not Path(images).is_dir():
             raise ValueError(f"{which} images: {shown(images)} is not a folder")
-        files = glob_samples_paths(str(images), False, DEFAULTS["samples_find_ext"], verbose=False)
-        if not files:
-            raise ValueError(f"{which} images: {shown(images)} holds no {DEFAULTS['samples_find_ext']} files")
-        return ImagesPathDataset(files)
+        try:
+            return Decoded(list_images(images))
+        except ValueError as e:
+            raise ValueError(f"{which} images: {shown(e)}") from None
     if isinstance(images, (list, tuple)) and not all(torch.is_tensor(x) for x in images):
-        return ImagesPathDataset([str(p) for p in images])  # decoded by the library, convert("RGB")
+        return Decoded([Path(p) for p in images])
     return RGB(images)
 
 
@@ -119,10 +137,12 @@ def sizes_of(data, which):
     """{"WxH": count} of a Dataset from as_dataset: file headers only, or each tensor's shape (one pass)."""
     sizes = {}
     for i in range(len(data)):
-        if isinstance(data, ImagesPathDataset):
+        if isinstance(data, Decoded):
             try:
                 with Image.open(data.files[i]) as img:
                     w, h = img.size
+                    if img.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):  # turned a quarter, as load_image does
+                        w, h = h, w
             except OSError as e:
                 raise ValueError(f"{which} image {shown(data.files[i])} cannot be read ({first_line(e)})") from None
         else:
@@ -147,13 +167,11 @@ def evaluate(fake, real, *, cuda=False, cache_name=None, cache_root=None, weight
         if s["count"] < 2:  # a covariance, and KID's unbiased estimate, need two images
             raise ValueError(f"FID and KID need at least 2 images in each set; the {which} set has {s['count']}")
     subset = min(KID_SUBSET_SIZE, sets["fake"]["count"], sets["real"]["count"])
-    if weights is not None:
-        sha = weights_sha256(weights)
-        cache_name = cache_name and f"{cache_name}-{sha[:16]}"  # other weights, other features
-    elif extractor == INCEPTION and hub_file().is_file():  # else the library downloads it (torch.hub says so)
-        weights_sha256(hub_file())
+    path = weights_file(extractor, weights)  # the hub's file may not be there yet: the library downloads it
+    ident = weights_sha256(path)[:16] if weights is not None or (path and path.is_file()) else extractor
+    cache_name = cache_name and f"{cache_name}-{ident}"  # other weights, other features
     # Loader workers decode files in parallel; for tensors in memory, or a few files, starting them costs more.
-    workers = all(isinstance(d, ImagesPathDataset) and len(d) >= 256 for d in data.values())
+    workers = all(isinstance(d, Decoded) and len(d) >= 256 for d in data.values())
     one_size = len(sets["fake"]["sizes"]) == len(sets["real"]["sizes"]) == 1
     kwargs = dict(input1=data["fake"], input2=data["real"], input2_cache_name=cache_name, cache=cache_name is not None,
                   cache_root=cache_root, cuda=cuda, fid=True, kid=True, feature_extractor=extractor,
@@ -174,8 +192,13 @@ def evaluate(fake, real, *, cuda=False, cache_name=None, cache_root=None, weight
                 raise ValueError(f"--fid_weights {shown(weights)} is not a state_dict of {extractor} "
                                  f"({first_line(e)[:200]})") from None
             raise
+    if path is not None and path.is_file():  # downloaded just now
+        ident = weights_sha256(path)[:16]
+    # Sets of one size with subsets of that size: every subset is the whole of both, and the std says nothing.
+    whole = subset == sets["fake"]["count"] == sets["real"]["count"]
     return {"fid": r[torch_fidelity.KEY_METRIC_FID], "kid_mean": r[torch_fidelity.KEY_METRIC_KID_MEAN],
-            "kid_std": r[torch_fidelity.KEY_METRIC_KID_STD], "kid_subset_size": subset, **sets}
+            "kid_std": math.nan if whole else r[torch_fidelity.KEY_METRIC_KID_STD], "kid_subset_size": subset,
+            "weights": ident, **sets}
 
 
 def protocol(*, weights=None, extractor=None):
@@ -201,7 +224,8 @@ def protocol(*, weights=None, extractor=None):
 
 # ---- During training (train.py --eval_freq K): the test split, translated by the current generators ----
 
-COLUMNS = ["epoch", "step", "seconds", "fid_A2B", "kid_A2B", "kid_std_A2B", "fid_B2A", "kid_B2A", "kid_std_B2A"]
+COLUMNS = ["epoch", "step", "seconds", "fid_A2B", "kid_A2B", "kid_std_A2B", "fid_B2A", "kid_B2A", "kid_std_B2A",
+           "weights"]  # weights: the first 16 hex digits of the extractor's weights file's sha256 (its name if none)
 
 
 class Tracker:
@@ -211,19 +235,29 @@ class Tracker:
     a name drawn from the files (paths, sizes, times), so each evaluation extracts only the translations. Rows after
     the epoch a run resumes from are dropped: that epoch is trained again and evaluated again."""
 
-    def __init__(self, output_dir, dataroot, input_nc, output_nc, resumed_epoch=None, cuda=False, weights=None):
-        self.path, self.cuda, self.weights = Path(output_dir) / "metrics.csv", cuda, weights
-        self.rows = keep_rows(self.path, COLUMNS, "epoch", resumed_epoch)
+    def __init__(self, output_dir, dataroot, input_nc, output_nc, resumed_epoch=None, device=torch.device("cpu"),
+                 weights=None, max_pixels=math.inf):
+        if weights is not None:
+            weights_sha256(weights)  # a wrong --fid_weights is said now, not hours later at the first evaluation
+        self.path, self.weights = Path(output_dir) / "metrics.csv", weights
         self.files, self.real, self.cache = {}, {}, {}
         for domain, nc in (("A", input_nc), ("B", output_nc)):
             images, self.files[domain] = test_images(dataroot, domain, nc)
             if len(images) < 2:
                 raise ValueError(f"--eval_freq: FID and KID need at least 2 readable images in test/{domain} of "
                                  f"{shown(dataroot)}; it has {len(images)}")
+            for x, path in zip(images, self.files[domain]):
+                need = math.prod(padded_size(*x.shape[-2:]))
+                if need > max_pixels:  # whole images, as test.py writes them: say so before training, not at its end
+                    raise ValueError(f"--eval_freq: {shown(path)} ({x.shape[-1]}x{x.shape[-2]} px) needs about "
+                                     f"{need * BYTES_PER_PIXEL / 1e9:.1f} GB to translate whole, "
+                                     f"{max_pixels * BYTES_PER_PIXEL / 1e9:.1f} GB are free: train without --eval_freq "
+                                     f"and measure afterwards with python test.py --metrics --max_size N")
             self.real[domain] = [to_uint8(x) for x in images]
             key = hashlib.sha256(repr([(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns, nc)
                                        for p in self.files[domain]]).encode()).hexdigest()[:16]
             self.cache[domain] = f"cyclegan-test-{domain}-{key}"
+        self.rows = keep_rows(self.path, COLUMNS, "epoch", resumed_epoch, text=("weights",))
 
     def due(self, epoch, every, n_epochs):
         """Whether epoch (a number of epochs done) is one to evaluate, and has not been evaluated yet."""
@@ -231,18 +265,16 @@ class Tracker:
             all(r["epoch"] != epoch for r in self.rows)
 
     def evaluate(self, G_A2B, G_B2A, epoch, step, seconds, device):
-        """Translate both test domains (as test.py would write them), score them, append the row; returns (row,
-        whether its sum of both FIDs is the lowest so far)."""
+        """Translate both test domains (as test.py would write them), score them, append the row and return it."""
         row = {"epoch": epoch, "step": step, "seconds": round(seconds, 3)}
         for src, dst, G in (("A", "B", G_A2B), ("B", "A", G_B2A)):
             fake = translations(G, self.real[src], device)
             r = evaluate(fake, self.real[dst], cuda=device.type == "cuda", cache_name=self.cache[dst], weights=self.weights)
-            row.update({f"fid_{src}2{dst}": r["fid"], f"kid_{src}2{dst}": r["kid_mean"], f"kid_std_{src}2{dst}": r["kid_std"]})
-        best = all(row["fid_A2B"] + row["fid_B2A"] < r["fid_A2B"] + r["fid_B2A"] for r in self.rows)
+            row.update({f"fid_{src}2{dst}": r["fid"], f"kid_{src}2{dst}": r["kid_mean"], f"kid_std_{src}2{dst}": r["kid_std"],
+                        "weights": r["weights"]})
+        append_row(self.path, COLUMNS, row)  # first: a row that is not on disk is not one of the run's
         self.rows.append(row)
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, COLUMNS).writerow(row)
-        return row, best
+        return row
 
 
 @torch.inference_mode()

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import load_weights
+from checkpoints import load_weights
 
 
 class ResidualBlock(nn.Module):
@@ -145,6 +145,13 @@ def load_generator(path, input_nc=3, output_nc=3):
                          f"and optionally a weight and bias per InstanceNorm; found {n_convs} 4-D, {n_vectors} 1-D and "
                          f"{n_others} other tensors")
     weights = [v for v in state.values() if v.dim() == 4]
+    kernels = [tuple(w.shape[-2:]) for w in weights]
+    if kernels != [(7, 7)] + [(3, 3)] * (n_convs - 2) + [(7, 7)]:  # c7s1, 3x3 down/residual/up, c7s1
+        what = ("a U-Net generator (the authors' unet_128 / unet_256: 4x4 convolutions down and up)"
+                if set(kernels) == {(4, 4)} else f"not a ResNet generator (its convolutions are "
+                f"{', '.join(f'{h}x{w}' for h, w in dict.fromkeys(kernels))}, not 7x7 then 3x3 then 7x7)")
+        raise ValueError(f"{path} is {what}: this repository's generator is the paper's ResNet one (the authors' "
+                         f"resnet_9blocks / resnet_6blocks), so it cannot load this file")
     if (weights[0].shape[1], weights[-1].shape[0]) != (input_nc, output_nc):
         raise ValueError(f"{path} is not a {input_nc}->{output_nc} channel generator: it translates {weights[0].shape[1]} "
                          f"to {weights[-1].shape[0]} channels; set the channel counts (--input_nc, --output_nc) to match")

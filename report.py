@@ -1,8 +1,5 @@
-"""What a person reads about a run: losses.csv, the progress line, visdom plots that can never stall training, and
-what each epoch end leaves on disk (fixed-sample sheets, FID/KID, figures)."""
-import csv
+"""What a person watches during a run: losses.csv, the progress line, and visdom plots that can never stall training."""
 import functools
-import os
 import sys
 import threading
 import time
@@ -16,9 +13,10 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from datasets import new_bad_files, test_images
-from figures import Background, epoch_means
-from utils import UserError, cpu_state, open_new, tensor2image, try_save
+from datasets import new_bad_files
+from figures import epoch_means
+from files import append_row, keep_rows
+from utils import tensor2image
 
 SAMPLE_ROWS = {"A": ["real_A", "fake_B", "rec_A"], "B": ["real_B", "fake_A", "rec_B"]}  # one row per domain
 SAMPLE_COLUMNS = ["real", "fake", "reconstructed"]
@@ -51,53 +49,6 @@ def labelled_grid(cells, row_labels, column_labels, min_cell=128, pad=4):
         cy = top + pad + i * (h + pad) + h / 2
         draw.text(((left - draw.textlength(label, font)) / 2, cy - text_h / 2), label, "black", font)
     return np.asarray(canvas).transpose(2, 0, 1)
-
-
-@torch.inference_mode()
-def sample_sheet(G_A2B, G_B2A, samples, device, memory_format, autocast):
-    """The fixed test images through both generators, as one labelled (3, H, W) uint8 picture: a row per image
-    (A1, A2, ..., B1, ...), columns real / translated / reconstructed, and identity (G_B2A(real_A) for an A image)
-    where both domains have the same number of channels. samples: {"A": [(C, s, s)], "B": [...]} in [-1, 1]."""
-    rows, labels = [], []
-    for domain, G, G_back in (("A", G_A2B, G_B2A), ("B", G_B2A, G_A2B)):
-        if not samples[domain]:
-            continue
-        real = torch.stack(samples[domain]).to(device, memory_format=memory_format)
-        with autocast:
-            fake = G(real)
-            results = [real, fake, G_back(fake)] + [G_back(real)] * (real.shape[1] == fake.shape[1])
-        rows += [[tensor2image(r[i]) for r in results] for i in range(len(real))]
-        labels += [f"{domain}{i + 1}" for i in range(len(real))]
-    return labelled_grid(rows, labels, ["real", "translated", "reconstructed", "identity"][:len(rows[0])])
-
-
-def write_png(picture, path):
-    """A (C, H, W) uint8 picture (numpy, or a CPU tensor; C = 1 is written gray) as PNG, atomically: a reader never
-    sees half a file, and a file or planted link at path is replaced, never written through."""
-    pixels = np.asarray(picture).transpose(1, 2, 0)  # (H, W, C)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open_new(tmp) as f:
-        Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels).save(f, format="PNG")
-    os.replace(tmp, path)
-
-
-def keep_rows(path, columns, key, last):
-    """A CSV history's rows whose `key` is at most `last`, the file rewritten with just those (a resumed run redoes
-    the rest); last None: a new run, and an old file is kept under another name. Cut or damaged lines are left out."""
-    rows = []
-    if path.exists() and last is not None:
-        with open(path, newline="") as f:
-            rows = [{k: int(v) if k in (key, "step") else float(v) for k, v in r.items()}  # losses: epoch is fractional
-                    for r in csv.DictReader(f) if None not in r.values() and int(r[key]) <= last]
-    elif path.exists():
-        path.rename(path.with_name(f"{path.stem}.{int(path.stat().st_mtime)}{path.suffix}"))
-    tmp = path.with_name(path.name + ".tmp")
-    with open_new(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows({k: r.get(k, float("nan")) for k in columns} for r in rows)
-    os.replace(tmp, path)
-    return rows
 
 
 class Logger:
@@ -162,8 +113,7 @@ class Logger:
         if not self.path:
             return
         self.rows.append(row)
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, self.columns).writerow(row)
+        append_row(self.path, self.columns, row)
         eta = time.strftime("%H:%M:%S", time.gmtime((self.total_steps - step) / speed))
         stats = {"G": f"{row['loss_G']:.3f}", "D": f"{row['loss_D']:.3f}", "img/s": f"{speed * self.batch_size:.1f}", "eta": eta}
         if self.tty:
@@ -305,11 +255,13 @@ class VisdomPlotter:
                 width=grid.shape[2] + 20, height=grid.shape[1] + 60))
             self.sent_sheet = sheet
         if len(metrics) > self.sent_metrics:
-            for name in ("fid", "kid"):
-                Y = np.array([[r[f"{name}_A2B"], r[f"{name}_B2A"]] for r in metrics])
+            for name, scale in (("fid", 1), ("kid", 100)):  # KID x 100, as figures.py and papers' tables show it
+                Y = scale * np.array([[r[f"{name}_A2B"], r[f"{name}_B2A"]] for r in metrics])
                 self.vis.line(X=np.array([[r["epoch"]] * 2 for r in metrics]), Y=Y, win=name, env=self.env,
-                              opts=dict(title=name.upper(), xlabel="epoch", legend=["A2B", "B2A"], markers=True))
+                              opts=dict(title=name.upper() + " ×100" * (scale == 100), xlabel="epoch",
+                                        legend=["A2B", "B2A"], markers=True))
             self.sent_metrics = len(metrics)
+
 
 def run_logger(args, world, names, total_steps, run):
     """train.py's logger: losses.csv, progress lines and visdom on rank 0; the losses shown are means over all ranks."""
@@ -320,61 +272,3 @@ def run_logger(args, world, names, total_steps, run):
     average = (lambda x: (dist.all_reduce(x), x / world.size)[1]) if world.ddp else None
     return Logger(out if world.is_main else None, names, args.batchSize * world.size, total_steps, run.step,
                   run.seconds, plotter, window=args.display_freq, average=average)
-
-
-class EpochEnd:
-    """What rank 0 leaves at each epoch end besides the checkpoint and the generators: the sheet of fixed test images
-    (samples/epoch_NNN.png, and visdom), FID/KID when due (metrics.csv; --keep_best: best_netG_*.pth), and the
-    figures and training page, drawn in the background. Each is a pure function of the epoch's weights: a resumed
-    run writes the same files, and calling it again for an epoch only fills in what is missing."""
-
-    def __init__(self, args, resumed_epoch=None):
-        self.args, self.out = args, Path(args.output_dir)
-        self.samples = {d: test_images(args.dataroot, d, nc, args.n_samples, args.size)[0]
-                        for d, nc in (("A", args.input_nc), ("B", args.output_nc))}
-        self.tracker = None
-        if args.eval_freq:
-            from metrics import Tracker  # here: importing torch-fidelity takes a second, and only --eval_freq needs it
-            try:
-                self.tracker = Tracker(self.out, args.dataroot, args.input_nc, args.output_nc, resumed_epoch, args.cuda,
-                                       args.fid_weights)
-            except ValueError as e:
-                raise UserError(e) from None
-        self.figures = None if args.no_figures else Background()
-
-    def __call__(self, run, logger):
-        """The files of the epoch run has just finished (run.epoch epochs done)."""
-        G_A2B, G_B2A, epoch = run.nets["G_A2B"], run.nets["G_B2A"], run.epoch
-        sheet = None
-        if any(self.samples.values()):
-            sheet = sample_sheet(G_A2B, G_B2A, self.samples, run.device, run.memory_format, run.autocast)
-            try:
-                (self.out / "samples").mkdir(exist_ok=True)
-                write_png(sheet, self.out / "samples" / f"epoch_{epoch:03d}.png")
-            except OSError as e:
-                print(f"warning: could not write the sample sheet of epoch {epoch} ({e})", file=sys.stderr)
-        if self.tracker and self.tracker.due(epoch, self.args.eval_freq, self.args.n_epochs):
-            self.evaluate(run, logger.seconds())
-        logger.show(epoch, sheet, self.tracker.rows if self.tracker else None)
-        if self.figures:
-            self.figures.submit(self.out, self.args.decay_epoch)
-
-    def evaluate(self, run, seconds):
-        """FID and KID of this epoch's generators into metrics.csv; with --keep_best, the best ones kept."""
-        try:
-            row, best = self.tracker.evaluate(run.nets["G_A2B"], run.nets["G_B2A"], run.epoch, run.step, seconds,
-                                              run.device)
-        except ValueError as e:  # no Inception weights: the run goes on, and says once how to get them
-            print(f"warning: no FID/KID from here on: {e}", file=sys.stderr)
-            self.tracker = None
-            return
-        print(f"epoch {run.epoch}: FID A2B {row['fid_A2B']:.2f}, B2A {row['fid_B2A']:.2f}" + " (best)" * best)
-        if best and self.args.keep_best:
-            for name in ("G_A2B", "G_B2A"):
-                try_save(cpu_state(run.nets[name]), self.out / f"best_net{name}.pth")
-
-    def close(self):
-        """Draw the figures once more (a stopped run's too) and wait for them."""
-        if self.figures:
-            self.figures.submit(self.out, self.args.decay_epoch)
-            self.figures.close()

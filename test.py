@@ -27,10 +27,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+import figures
 from datasets import ImageFolder, domain_dir, fit_size, format_bad, list_images, load_image
+from files import shown, write_atomic, write_png
 from models import load_generator, padded_size, translate
-from report import write_png
-from utils import cannot_write, channels_problem, loader_workers, open_new, precision, shown, to_uint8
+from runtime import BYTES_PER_PIXEL, free_memory, loader_workers, precision
+from utils import cannot_write, channels_problem, first_line, to_uint8
 
 
 def get_parser():
@@ -61,22 +63,6 @@ def get_parser():
     p.add_argument("--fid_weights", type=str, default=None, metavar="PATH",
                    help="with --metrics: a local Inception weights file (default: fetched once into torch.hub's cache)")
     return p
-
-
-# Peak memory of a 9-block generator's forward per (padded) input pixel: 0.9-1 KB measured in float32 on the CPU
-# at 512-1024 px; used to skip, before decoding, an image that could not be translated in the memory that is free.
-BYTES_PER_PIXEL = 1000
-
-
-def free_memory(device):
-    """Bytes free for translating: the GPU's free memory, or the CPU's available memory (Linux: MemAvailable)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return 8 << 30  # not Linux: assume 8 GB
 
 
 def memory_check(pixels, max_size):
@@ -215,6 +201,7 @@ def main(args):
                   + (f", reconstructions to {out / folders[2]}" if G_back is not None else ""))
     finally:
         write_index(out / "index.html", sections, skipped)
+        link_training_page(out)
         if skipped:
             print(f"skipped {len(skipped)} image(s):\n" + format_bad(skipped))
     if not any(section[2] for section in sections):
@@ -231,6 +218,15 @@ PAGE_STYLE = ("body{font-family:sans-serif;margin:1em}table{border-collapse:coll
               "th,td{padding:4px 8px;text-align:center;vertical-align:middle;border-bottom:1px solid #ddd}"
               "td.name{text-align:left;max-width:16em;overflow-wrap:anywhere}"
               "img{display:block;min-width:128px;max-width:min(30vw,512px);height:auto}")
+
+
+def link_training_page(out):
+    """In a run's folder, train.py's training.html written again (the page only), now with its link to index.html."""
+    if (out / "training.html").is_file() and (out / "losses.csv").is_file():
+        try:
+            figures.draw(out, plots=False)
+        except Exception as e:  # the results are written; a page that cannot be is one line
+            print(f"warning: training.html not updated ({first_line(e)})", file=sys.stderr)
 
 
 def write_index(path, sections, skipped, scores=None):
@@ -255,8 +251,7 @@ def write_index(path, sections, skipped, scores=None):
         parts.append("<h2>Skipped</h2>\n<ul>" + "".join(
             f"<li>{html.escape(shown(p))}: {html.escape(r)}</li>" for p, r in skipped) + "</ul>")
     parts.append("</body></html>\n")
-    with open_new(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(parts))
+    write_atomic(path, lambda f: f.write("\n".join(parts)), "w", encoding="utf-8")
 
 
 def report_psnr(args, out, written_A):
@@ -307,10 +302,10 @@ def report_metrics(args, out, jobs, sections, skipped):
         else:  # the copies of test/dst: decoded as the generators saw them, only those that could be read
             real, real_name = [out / paths[0] for _, paths in written[dst][1]], f"test/{dst} (as real_{dst}/)"
         result = metrics.evaluate([out / paths[1] for _, paths in rows], real, cuda=args.cuda, weights=args.fid_weights)
+        result["kid_std"] = None if math.isnan(result["kid_std"]) else result["kid_std"]  # JSON has no NaN
         scores[f"{src}2{dst}"] = {"generator": shown(G_path), "translated": f"{dst}/", "against": real_name, **result}
     scores = {"protocol": metrics.protocol(weights=args.fid_weights), **scores}
-    with open_new(out / "metrics.json", "w", encoding="utf-8") as f:
-        json.dump(scores, f, indent=2)
+    write_atomic(out / "metrics.json", lambda f: json.dump(scores, f, indent=2), "w", encoding="utf-8")
     weights = scores["protocol"]["weights"]
     print(f"FID and KID ({scores['protocol']['library']} {scores['protocol']['version']}, "
           f"{scores['protocol']['feature_extractor']} features), in {out / 'metrics.json'}:")
@@ -327,8 +322,10 @@ SCORE_COLUMNS = ("direction", "translated", "against", "images", "FID", "KID ×1
 
 def score_rows(scores):
     """One row of text per direction of metrics.json: the SCORE_COLUMNS."""
+    def kid(s):  # no std (None in metrics.json) when every subset was the whole of both sets
+        return f"{100 * s['kid_mean']:.2f}" + (f" ± {100 * s['kid_std']:.2f}" if s["kid_std"] is not None else "")
     return [(d, s["translated"], s["against"], f"{s['fake']['count']} / {s['real']['count']}", f"{s['fid']:.2f}",
-             f"{100 * s['kid_mean']:.2f} ± {100 * s['kid_std']:.2f}") for d, s in scores.items() if d != "protocol"]
+             kid(s)) for d, s in scores.items() if d != "protocol"]
 
 
 def scores_html(scores):

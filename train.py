@@ -5,8 +5,8 @@
     torchrun --nproc_per_node=4 train.py --dataroot datasets/summer2winter_yosemite --cuda   # 4 GPUs, DDP
 
 Reading order: main() is the run's outline; train_step() is the paper's update; Run is what a checkpoint holds,
-with checkpoint() and restore() side by side; utils.Stopper is where a run stops on Ctrl-C; report.EpochEnd is what
-each epoch end leaves on disk besides checkpoints (sample sheets, FID/KID, figures).
+with checkpoint() and restore() side by side; runtime.Stopper is where a run stops on Ctrl-C; epoch_end.EpochEnd is
+what each epoch end leaves on disk besides the checkpoint, in an order a resumed run finishes.
 """
 import argparse
 import contextlib
@@ -21,13 +21,15 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from checkpoints import (cpu_state, load_checkpoint, load_optimizer, lock_output_dir, resume_command, resume_path,
+                         try_save)
 from datasets import ImageDataset, skipped_summary, train_loader
+from epoch_end import EpochEnd
 from models import Discriminator, DiscriminatorLoss, Generator, GeneratorLoss, use_sliced_padding, weights_init_normal
-from report import EpochEnd, run_logger
-from utils import (CudaGraphStep, ReplayBuffer, Stopper, UserError, adam, amp_dtype, cannot_write, channels_problem,
-                   cpu_state, first_line, linear_decay, load_checkpoint, load_optimizer,
-                   lock_output_dir, resume_path, rng_state, set_requires_grad, set_rng_state, setup_processes,
-                   resume_command, stop_children, to_device, try_save)
+from report import run_logger
+from runtime import (CudaGraphStep, Stopper, adam, amp_dtype, rng_state, set_rng_state, setup_processes, stop_children,
+                     to_device)
+from utils import ReplayBuffer, UserError, cannot_write, channels_problem, first_line, linear_decay, set_requires_grad
 
 LOSS_NAMES = ["loss_G", "loss_G_identity", "loss_G_GAN", "loss_G_cycle", "loss_D", "loss_D_A", "loss_D_B"]
 # What a checkpoint holds, checked before any of it is used: a file can pass weights_only and still be anything.
@@ -115,6 +117,9 @@ def check_args(args, resuming=False):
                         "--n_cpu, --n_samples and --eval_freq at least 0")
     if (args.keep_best or args.fid_weights) and not args.eval_freq:
         raise UserError("--keep_best and --fid_weights go with --eval_freq K (FID and KID every K epochs)")
+    if args.fid_weights and not Path(args.fid_weights).is_file():
+        raise UserError(f"--fid_weights {args.fid_weights} is not a file: pass the Inception weights file "
+                        f"(pt_inception or weights-inception-2015-12-05-*.pth)")
 
 
 def train_step(g_loss, d_loss, discriminators, optimizer_G, optimizer_D, scaler, autocast, buffers,
@@ -280,7 +285,7 @@ def make_step(run, args, ddp=False):
 
 def main(args):
     """A run, top to bottom: set up, build, restore if resuming, train epoch by epoch, finish."""
-    out, lock, ckpt = open_output(args, is_main=int(os.environ.get("RANK", 0)) == 0)  # lock: held until exit
+    _, lock, ckpt = open_output(args, is_main=int(os.environ.get("RANK", 0)) == 0)  # lock: held until exit
     world = setup_processes(args)
     log = print if world.is_main else (lambda *a, **k: None)
 
@@ -288,29 +293,28 @@ def main(args):
     dataset = open_dataset(args, log)
     run = build(args, world.device, world.rank, epoch_size=len(dataset))
     if args.amp and run.dtype is None:
-        log("--amp: this CPU has no bfloat16 units (bfloat16 would be many times slower), so training runs in float32")
+        log("--amp: this CPU has no bfloat16 units (AVX512-BF16 or AMX), where emulated bfloat16 runs at a third of "
+            "float32's speed, so training runs in float32")
     try:
         saved_ranks = restore(run, ckpt, args, world.rank, world.size) if ckpt is not None else None
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:  # a damaged or foreign file
         raise UserError(f"{resume_path(args)} does not fit these networks ({type(e).__name__}: "
                         f"{first_line(e)[:200]}): is it a checkpoint of train.py?") from None
-    if run.epoch >= args.n_epochs:
-        log(f"all {args.n_epochs} epochs of this run are done ({run.step} steps); "
-            f"to train longer, resume with a larger --n_epochs")
-        return 0
-    log(start_line(run, ckpt, args, world, saved_ranks))
+    done = run.epoch >= args.n_epochs  # resumed once more: the last epoch end is finished, nothing is trained
+    if not done:
+        log(start_line(run, ckpt, args, world, saved_ranks))
 
     # ---- The step: one function; DDP wraps its two losses, CUDA replays it as one graph ----
     eager_step = make_step(run, args, world.ddp)
     capture = world.device.type == "cuda" and not (args.eager or world.ddp or run.scaler.is_enabled())
     fast_step = CudaGraphStep(eager_step) if capture else eager_step  # a smaller last batch runs eagerly
-    if world.device.type == "cuda" and not capture:
+    if world.device.type == "cuda" and not capture and not done:
         log("the step runs eagerly: " + ("--eager" if args.eager else "DDP" if world.ddp else "float16 loss scaling"))
     loader = train_loader(dataset, args.batchSize, args.n_cpu, args.cuda, args.seed, world.rank, world.size)
     logger = run_logger(args, world, LOSS_NAMES, steps_per_epoch(run, args, world.size) * args.n_epochs, run)
     stopper = Stopper(world.control, world.rank)  # Ctrl-C / SIGTERM: finish the step, save, exit
-    epoch_end = EpochEnd(args, ckpt and run.epoch) if world.is_main else None
-    if epoch_end and ckpt and run.epoch > 0 and run.sample == 0:  # resumed at an epoch end: what a killed run had not written yet
+    epoch_end = EpochEnd(args, ckpt and run.epoch, world.device) if world.is_main else None
+    if epoch_end and ckpt and run.epoch > 0 and run.sample == 0:  # resumed at an epoch end: finish what a kill cut short
         epoch_end(run, logger)
 
     # ---- The epochs: each ends with a checkpoint, then (rank 0) generators, samples, FID/KID, figures ----
@@ -320,13 +324,11 @@ def main(args):
         if stopped:
             break
         if world.is_main:
-            for name, net in run.nets.items():  # the seed's four files, loadable by its code and by test.py
-                try_save(cpu_state(net), out / f"net{name}.pth")
             epoch_end(run, logger)
     logger.close()
     if epoch_end:
         epoch_end.close()  # the figures of a stopped run too
-    finish(run, args, world, stopped, saved)
+    finish(run, args, world, stopped, saved, done)
     return 0
 
 
@@ -415,13 +417,16 @@ def train_epoch(run, args, world, loader, steps, logger, stopper):
     return stopped, saved
 
 
-def finish(run, args, world, stopped, saved):
-    """The run's last word: where its generators are, or how to continue it."""
+def finish(run, args, world, stopped, saved, done=False):
+    """The run's last word: where its generators are, or how to continue it (done: all epochs were done before)."""
     out = Path(args.output_dir)
     if not saved:
         raise UserError(f"the last checkpoint could not be written; free space in {out} and run: "
                         f"{resume_command(args)}")
-    if world.is_main:
+    if world.is_main and done:
+        print(f"all {args.n_epochs} epochs of this run are done ({run.step} steps); "
+              f"to train longer, resume with a larger --n_epochs")
+    elif world.is_main:
         print(f"stopped at step {run.step}; continue with:\n  {resume_command(args)}" if stopped else
               f"done: {args.n_epochs} epochs, {run.step} steps; generators in {out}/netG_A2B.pth and netG_B2A.pth")
     if world.ddp:

@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from models import Discriminator, Generator, weights_init_normal  # noqa: E402
-from utils import ReplayBuffer, amp_dtype  # noqa: E402
+from runtime import amp_dtype  # noqa: E402
+from utils import ReplayBuffer  # noqa: E402
 
 
 def make_nets(device, n_blocks=9):

@@ -18,8 +18,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import FAST, ROOT, make_dataset, run_script
 from datasets import EpochSampler, ImageDataset
 from models import Generator
-import utils
-from utils import ReplayBuffer, amp_dtype
+import checkpoints
+from runtime import amp_dtype
+from utils import ReplayBuffer
 
 train = importlib.import_module("train")
 META = torch.device("meta")
@@ -87,7 +88,7 @@ def finished_run(tmp_path_factory):
 def test_train_set_up_restore_and_step_keep_every_tensor_on_the_device(finished_run, fused_adam_on_meta):
     data, out = finished_run
     args = train.get_parser().parse_args(["--dataroot", str(data), "--output_dir", str(out), "--resume", *FAST])
-    ckpt = utils.load_checkpoint(args, train.get_parser(), train.CHECKPOINT_TYPES)  # merges the run's flags
+    ckpt = checkpoints.load_checkpoint(args, train.get_parser(), train.CHECKPOINT_TYPES)  # merges the run's flags
     run = train.build(args, META)
     assert train.restore(run, ckpt, args) == 1
     assert run.buffers[0].n > 0 and run.buffers[0].data.is_meta and run.buffers[1].data.is_meta
@@ -218,6 +219,18 @@ def test_the_replay_buffer_keeps_and_returns_the_fakes_layout():
         assert seen.is_contiguous(memory_format=torch.channels_last)
     assert buffer.data.is_contiguous(memory_format=torch.channels_last)
     assert all(row.is_contiguous() for row in buffer.state_dict()["data"])  # checkpoints stay in the plain layout
+
+
+@pytest.mark.parametrize("avx512, avx512_bf16, amx, native", [(False, False, False, False), (True, False, False, False),
+                                                              (True, True, False, True), (True, True, True, True),
+                                                              (True, False, True, True)])
+def test_amp_dtype_takes_bfloat16_on_a_cpu_only_where_it_is_native(monkeypatch, avx512, avx512_bf16, amx, native):
+    """oneDNN emulates bfloat16 on any AVX-512 CPU (there --amp ran at a third of fp32's speed): a CPU needs the
+    AVX512-BF16 instructions or AMX tiles for --amp to take bfloat16; otherwise it trains in float32."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: avx512)  # what it used to ask
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert amp_dtype(torch.device("cpu")) == (torch.bfloat16 if native else None)
 
 
 @pytest.mark.parametrize("major, native", [(7, False), (8, True), (9, True)])

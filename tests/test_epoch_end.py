@@ -1,15 +1,16 @@
 """What train.py leaves at each epoch end, end to end: metrics.csv (--eval_freq, a tiny registered feature extractor
-standing in for Inception), the fixed-sample sheets, the figures and training.html, --keep_best; and after a SIGKILL
-at a random moment and --resume, the same weights, rows and sheets as the uninterrupted run."""
+standing in for Inception), the fixed-sample sheets, the figures and training.html, --keep_best; after a SIGKILL
+before any step of an epoch end and --resume, the files of the uninterrupted run; what fails costs one line."""
 import csv
+import hashlib
 import html.parser
+import json
 import os
-import random
 import signal
 import subprocess
 import sys
-import time
 import xml.etree.ElementTree as ET
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,25 +24,36 @@ RUN = [*[f for f in QUICK if f != "--no_figures"], "--no_visdom", "--size", "24"
        "--decay_epoch", "1", "--save_freq", "2", "--display_freq", "1", "--eval_freq", "1", "--keep_best",
        "--n_samples", "2"]
 # Runs train.py with no network, and the tests' tiny extractor in place of Inception unless told "inception".
-# argv: ROOT TESTS EXTRACTOR train-args...
+# KILL_BEFORE=STEP: the process SIGKILLs itself when the last epoch's end is about to take that step of
+# EpochEnd.STEPS ("close": after the last step). argv: ROOT TESTS EXTRACTOR train-args...
 WRAPPER = r"""
-import runpy, socket, sys
+import os, runpy, signal, socket, sys
 root, tests, extractor = sys.argv[1:4]
 sys.path[:0] = [root, tests]
 def refuse(*args, **kwargs):
     raise OSError("network blocked in tests")
 socket.getaddrinfo = refuse
-import metrics, test_metrics
+import epoch_end, metrics, test_metrics
 metrics.EXTRACTOR = test_metrics.TINY if extractor == "tiny" else metrics.INCEPTION
+step = os.environ.get("KILL_BEFORE")
+if step:
+    original = getattr(epoch_end.EpochEnd, step)
+    def killing(self, *run):
+        if not run or run[0].epoch == self.args.n_epochs:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, *run)
+    setattr(epoch_end.EpochEnd, step, killing)
 sys.argv = [root + "/train.py"] + sys.argv[4:]
 runpy.run_path(root + "/train.py", run_name="__main__")
 """
 
 
-def train(data, out, *extra, background=False, extractor="tiny"):
+def train(data, out, *extra, background=False, extractor="tiny", kill_before=None, env=None):
     cmd = [sys.executable, "-c", WRAPPER, str(ROOT), str(ROOT / "tests"), extractor, "--dataroot", str(data),
            "--output_dir", str(out), *RUN, *extra]
-    env = {**os.environ, "TORCH_HOME": str(out.parent / "torch_home")}  # the real sets' cached features go here
+    env = {**os.environ, "TORCH_HOME": str(out.parent / "torch_home"), **(env or {})}  # the cached features go here
+    if kill_before:
+        env["KILL_BEFORE"] = kill_before
     if background:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
@@ -62,9 +74,9 @@ def reference(data, tmp_path_factory):
 
 
 def metric_rows(out):
-    """metrics.csv without the wall-clock column."""
+    """metrics.csv without the wall-clock column and the weights' name."""
     with open(out / "metrics.csv", newline="") as f:
-        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+        return [{k: v for k, v in row.items() if k not in ("seconds", "weights")} for row in csv.DictReader(f)]
 
 
 class Links(html.parser.HTMLParser):
@@ -90,7 +102,8 @@ def test_every_epoch_leaves_metrics_samples_figures_and_a_page(reference):
     for epoch in (1, 2):  # 2 + 2 test images, 4 columns (identity too), cells enlarged to 128 px
         sheet = Image.open(out / "samples" / f"epoch_{epoch:03d}.png")
         assert sheet.mode == "RGB" and sheet.width > 4 * 128 and sheet.height > 4 * 128
-    for svg in ("loss_G", "loss_D", "loss_G_cycle", "loss_G_GAN", "loss_G_identity", "loss_D_A", "loss_D_B", "lr"):
+    for svg in ("loss_G", "loss_D", "loss_G_cycle", "loss_G_GAN", "loss_G_identity", "loss_D_A", "loss_D_B", "lr",
+                "fid", "kid"):
         ET.parse(out / "plots" / f"{svg}.svg")
     assert Image.open(out / "plots" / "overview.png").size[0] > 0
     page = Links()
@@ -108,28 +121,54 @@ def reference_data(out):
     return torch.load(out / "checkpoint.pth", weights_only=True)["args"]["dataroot"]
 
 
-def test_sigkill_at_a_random_moment_then_resume_ends_as_the_uninterrupted_run(data, reference, tmp_path):
-    """Evaluation, sheets and figures touch no random stream the training uses: a run killed anywhere (also during
-    an evaluation) and resumed has the same weights, the same metrics rows once each, the same sheets, and the same
-    curves (the SVGs are byte for byte those of the uninterrupted run)."""
+def test_a_kill_before_any_step_of_an_epoch_end_is_finished_by_the_resume(data, reference, tmp_path):
+    """SIGKILL before each step of the last epoch's end in turn (each resume finishes the steps before it, then is
+    killed), after one kill inside the first epoch's end; the last resume, which finds every epoch done, ends with
+    the files of the uninterrupted run: generators, sheets, metrics rows once each, best files of the best row, the
+    same curves. All of it offline, with --fid_weights, which the printed resume command carries."""
     ref, _ = reference
-    out = tmp_path / "run"
-    proc = train(data, out, "--no_figures", background=True)  # inherited on resume: drawn once at the end, below
-    while not (out / "checkpoint.pth").exists():
-        assert proc.poll() is None, proc.communicate()[0]
-        time.sleep(0.02)
-    time.sleep(random.uniform(0, 1.5))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    r = train(data, out, "--resume")
-    assert r.returncode == 0, r.stderr
+    out, weights = tmp_path / "run", tmp_path / "weights.pth"
+    torch.save({"w": torch.zeros(1)}, weights)  # the tiny extractor ignores it; the run checks and names it
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    first = subprocess.run([sys.executable, "-c", WRAPPER.replace("run[0].epoch == self.args.n_epochs", "run[0].epoch == 1"),
+                            str(ROOT), str(ROOT / "tests"), "tiny", "--dataroot", str(data), "--output_dir", str(out),
+                            *RUN, "--fid_weights", str(weights)], env={**os.environ, "KILL_BEFORE": "sheet",
+                                                                        "TORCH_HOME": str(tmp_path / "torch_home")})
+    assert first.returncode == -signal.SIGKILL
+    assert not (out / "samples" / "epoch_001.png").exists() and (out / "netG_A2B.pth").is_file()
+    for step in ["generators", "sheet", "evaluation", "best", "figures", "close"]:
+        r = train(data, out, "--resume", "--fid_weights", weights, kill_before=step)
+        assert r.returncode == -signal.SIGKILL, (step, r.stderr)
+    r = train(data, out, "--resume", "--fid_weights", weights)
+    assert r.returncode == 0 and "all 2 epochs of this run are done" in r.stdout, r.stderr
     assert_same_run(out, ref)
+    for name in ("G_A2B", "G_B2A", "D_A", "D_B"):
+        assert_same_weights(out / f"net{name}.pth", ref / f"net{name}.pth")
     assert metric_rows(out) == metric_rows(ref)
+    with open(out / "metrics.csv", newline="") as f:
+        assert [row["weights"] for row in csv.DictReader(f)] == [sha[:16]] * 2
+    best = min(metric_rows(out), key=lambda row: float(row["fid_A2B"]) + float(row["fid_B2A"]))
+    assert json.loads((out / "best_netG.json").read_text())["epoch"] == int(best["epoch"])
+    for name in ("G_A2B", "G_B2A"):
+        assert_same_weights(out / f"best_net{name}.pth", ref / f"best_net{name}.pth")
     for name in ["samples/epoch_001.png", "samples/epoch_002.png"]:
         assert Image.open(out / name).tobytes() == Image.open(ref / name).tobytes(), name
-    assert run_script("figures.py", out, "--quiet", "--decay_epoch", "1").returncode == 0  # as the run draws them
     for name in ["loss_G", "loss_D_B", "lr", "fid", "kid"]:  # from all rows, once each
         assert (out / "plots" / f"{name}.svg").read_bytes() == (ref / "plots" / f"{name}.svg").read_bytes(), name
+    t = run_script("test.py", "--dataroot", data, "--output_dir", out, "--n_cpu", "0")
+    assert t.returncode == 0, t.stderr
+    assert 'href="training.html"' in (out / "index.html").read_text()  # and back, though training came first:
+    assert 'href="index.html"' in (out / "training.html").read_text()
+    stop = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import checkpoints, types; "
+                           "args = checkpoints.load_weights(sys.argv[2])['args']; "
+                           "print(checkpoints.resume_command(types.SimpleNamespace(**args)))",
+                           str(ROOT), str(out / "checkpoint.pth")], capture_output=True, text=True)
+    assert f"--fid_weights {weights}" in stop.stdout, stop.stderr  # what a stopped run prints
+
+
+def assert_same_weights(a, b):
+    x, y = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), a.name
 
 
 def test_no_inception_weights_and_an_unwritable_plots_folder_cost_a_line_each(data, tmp_path):
@@ -142,3 +181,51 @@ def test_no_inception_weights_and_an_unwritable_plots_folder_cost_a_line_each(da
     assert r.stderr.count("warning: no FID/KID") == 1 and "--fid_weights" in r.stderr
     assert r.stderr.count("warning: figures not drawn") == 1 and "Traceback" not in r.stderr
     assert (out / "netG_A2B.pth").is_file() and (out / "samples" / "epoch_001.png").is_file()
+
+
+def test_without_matplotlib_and_with_an_unwritable_feature_cache_the_run_finishes_with_a_page(data, tmp_path):
+    """No matplotlib (a stand-in that fails to import, for the redraws too) and a file where the feature cache's
+    folder goes: one line each, the run trains to its end, and training.html is written without curves."""
+    out, fake = tmp_path / "run", tmp_path / "no_matplotlib"
+    (fake / "matplotlib").mkdir(parents=True)
+    (fake / "matplotlib" / "__init__.py").write_text("raise ImportError('no matplotlib in this test')\n")
+    (tmp_path / "torch_home").mkdir()
+    (tmp_path / "torch_home" / "fidelity_cache").write_text("a file where the cache folder should be")
+    r = train(data, out, "--n_epochs", "1", "--decay_epoch", "0", env={"PYTHONPATH": str(fake)})
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("warning: no FID/KID") == 1 and "fidelity_cache" in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.count("warning: figures not drawn") == 1 and "no matplotlib in this test" in r.stderr
+    page = (out / "training.html").read_text()
+    assert "samples/epoch_001.png" in page and "plots/" not in page and (out / "netG_A2B.pth").is_file()
+
+
+class Stub:
+    """What EpochEnd.best and stale_best read of a run and its tracker."""
+
+    def __init__(self, out, rows, keep_best=True):
+        self.out, self.args = out, SimpleNamespace(keep_best=keep_best, output_dir=str(out))
+        self.tracker = SimpleNamespace(rows=[{"epoch": float(e), "step": 6.0 * e, "fid_A2B": a, "fid_B2A": b}
+                                             for e, a, b in rows])
+
+
+def test_the_best_files_follow_the_best_row_whatever_came_before(tmp_path, capsys):
+    from epoch_end import EpochEnd
+    from figures import kept_epoch
+    nets = {"G_A2B": torch.nn.Linear(2, 2), "G_B2A": torch.nn.Linear(2, 2)}
+    end = Stub(tmp_path, [(1, 30.0, 30.0), (2, 20.0, 25.0)])
+    EpochEnd.best(end, SimpleNamespace(epoch=2, nets=nets))  # the row is there, the files are not (a kill between)
+    assert kept_epoch(tmp_path) == 2
+    weight = torch.load(tmp_path / "best_netG_A2B.pth")["weight"]
+    nets["G_A2B"].weight.data += 1
+    (tmp_path / "best_netG_B2A.pth").unlink()  # a kill between the two files: the pair is written again
+    EpochEnd.best(end, SimpleNamespace(epoch=2, nets=nets))
+    assert kept_epoch(tmp_path) == 2 and not torch.equal(torch.load(tmp_path / "best_netG_A2B.pth")["weight"], weight)
+    EpochEnd.best(Stub(tmp_path, [(1, 30.0, 30.0), (2, 20.0, 25.0), (3, 40.0, 40.0)]),
+                  SimpleNamespace(epoch=3, nets=nets))  # not the best: left alone
+    assert kept_epoch(tmp_path) == 2
+    resumed = Stub(tmp_path, [(1, 30.0, 30.0)])  # an older checkpoint: the rows of epochs 2 and 3 are gone
+    EpochEnd.stale_best(resumed, 1)
+    assert kept_epoch(tmp_path) is None and (tmp_path / "best_netG_A2B.epoch002.pth").is_file()
+    assert "moved aside" in capsys.readouterr().err
+    EpochEnd.stale_best(Stub(tmp_path, [(1, 30.0, 30.0), (2, 10.0, 10.0)]), 3)  # --keep_best turned on late
+    assert "whose generators were not kept" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """figures.py on synthetic runs: every SVG holds the logged points, the page links only what exists, the command
 works on today's losses.csv, and a failure to draw is one line that never reaches the caller."""
+import math
 import re
 import sys
 import xml.etree.ElementTree as ET
@@ -138,14 +139,21 @@ def test_nan_lr_and_a_partial_last_line_are_tolerated(tmp_path):
     assert not [row for row in page.rows if row] and "index.html" not in page.links
 
 
-def test_the_decay_epoch_comes_from_the_checkpoint(tmp_path):
-    import torch
-    out = write_run(tmp_path / "run", metrics=False, samples=False)
-    torch.save({"args": {"decay_epoch": 1, "n_epochs": 2}, "G_A2B": {"w": torch.zeros(3)}}, out / "checkpoint.pth")
+@pytest.mark.parametrize("decay_epoch", [0, 1, 3])
+def test_the_decay_epoch_is_read_from_the_logged_lr(decay_epoch):
+    from utils import linear_decay  # train.py logs args.lr * lr_lambda(epochs done before the row's epoch)
+    lr_lambda = linear_decay(6, decay_epoch)
+    rows = [{"epoch": k / 3, "lr": 2e-4 * lr_lambda(math.ceil(k / 3) - 1)} for k in range(1, 19)]
+    assert figures.logged_decay(rows) == decay_epoch
+    assert figures.logged_decay(rows[:3 * (decay_epoch + 1)]) is None  # not fallen yet
+
+
+def test_the_decay_mark_is_drawn_once_the_lr_falls(tmp_path):
+    out = write_run(tmp_path / "run", metrics=False, samples=False)  # falls in epoch 2: --decay_epoch 0
     figures.draw(out)
     assert group(out / "plots" / "loss_D.svg", "lr-decay") is not None
-    (out / "checkpoint.pth").write_bytes(b"not a checkpoint")
-    figures.draw(out)  # unreadable: drawn without the mark
+    write_run(out, metrics=False, samples=False, lr=2e-4)
+    figures.draw(out)  # a constant lr: no mark
     assert group(out / "plots" / "loss_D.svg", "lr-decay") is None
 
 
@@ -217,3 +225,14 @@ def test_a_run_that_logged_nothing_yet_gets_a_page_and_no_plots(tmp_path):
     (out / "losses.csv").write_text(LOSSES_HEADER + "\n")
     assert figures.draw(out) == [out / "training.html"] and not (out / "plots").exists()
     assert "nothing logged yet" in (out / "training.html").read_text(encoding="utf-8")
+
+
+def test_histories_keep_whole_rows_only(tmp_path):
+    """A resumed run reads its CSV histories back: a line cut inside its last field (a writer killed mid-line) and a
+    cell that is not a number are left out, not kept truncated or raised on; text columns stay text."""
+    import files
+    path = tmp_path / "metrics.csv"
+    path.write_text("epoch,step,fid_A2B,weights\n1,6,30.5,abc\n2,x,28.0,abc\n3,18,27.25,ab")  # the last cut short
+    rows = files.keep_rows(path, ["epoch", "step", "fid_A2B", "weights"], "epoch", 5, text=("weights",))
+    assert rows == [{"epoch": 1, "step": 6, "fid_A2B": 30.5, "weights": "abc"}]
+    assert path.read_text().splitlines() == ["epoch,step,fid_A2B,weights", "1,6,30.5,abc"]

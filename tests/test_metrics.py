@@ -2,6 +2,7 @@
 Inception, the numbers are checked against the formulas computed here, and the network is blocked throughout."""
 import importlib.util
 import json
+import math
 import socket
 
 import numpy as np
@@ -126,7 +127,7 @@ def test_fid_and_kid_equal_the_formulas(tmp_path, tiny):
     f_fake, f_real = features(fake), features(real)
     assert r["fid"] == pytest.approx(frechet(f_fake, f_real), rel=1e-4) and r["fid"] > 0.01
     assert r["kid_mean"] == pytest.approx(mmd_unbiased(f_fake, f_real), rel=1e-4) and r["kid_mean"] > 0
-    assert r["kid_subset_size"] == 24 and r["kid_std"] < 1e-4 * r["kid_mean"]  # every subset: all (float32 sums)
+    assert r["kid_subset_size"] == 24 and math.isnan(r["kid_std"])  # every subset is all of both sets: no spread
 
 
 def test_tensors_in_memory_and_cached_real_features(tmp_path, tiny):
@@ -138,7 +139,7 @@ def test_tensors_in_memory_and_cached_real_features(tmp_path, tiny):
     state, before = torch.get_rng_state(), Tiny.images
     first = metrics.evaluate(fake, tmp_path / "real", cache_name="real-set", cache_root=tmp_path / "cache")
     assert Tiny.images - before == 5 + 6 and torch.equal(torch.get_rng_state(), state)
-    assert any((tmp_path / "cache").glob(f"real-set-{TINY}-features-*.pt"))
+    assert any((tmp_path / "cache").glob(f"real-set-{TINY}-{TINY}-features-*.pt"))
     before = Tiny.images
     again = metrics.evaluate(fake, real, cache_name="real-set", cache_root=tmp_path / "cache")
     assert Tiny.images - before == 5 and again == first  # the real set's features came from the cache
@@ -256,5 +257,35 @@ def test_inception_from_a_local_weights_file(tmp_path, monkeypatch):
     p = metrics.protocol(weights=tmp_path / "w.pth")
     assert p["feature_extractor"] == metrics.INCEPTION and p["feature_layer"] == {"fid": "2048", "kid": "2048"}
     assert p["weights"]["file"] == "w.pth" and len(p["weights"]["sha256"]) == 64
+    assert r["weights"] == p["weights"]["sha256"][:16]  # the row names the weights its numbers came from
     assert p["weights"]["same_as_library"] is False  # not the file torch-fidelity names: numbers are not papers'
     assert not metrics.hub_file().exists()  # nothing was downloaded
+
+
+def test_the_tracker_refuses_up_front_what_would_fail_at_the_first_evaluation(tmp_path, tiny):
+    """A --fid_weights file that is not weights, and test images too large to translate whole in the memory that
+    is free: said when training starts, not K epochs in."""
+    data = make_dataset(tmp_path / "d", n_A=2, n_B=2, size=(40, 36))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "w.pth").write_text("not weights")
+    with pytest.raises(ValueError, match="is not a PyTorch weights file"):
+        metrics.Tracker(tmp_path / "out", data, 3, 3, weights=tmp_path / "w.pth")
+    with pytest.raises(ValueError, match=r"40x36 px\) needs about .* GB to translate whole.*--max_size"):
+        metrics.Tracker(tmp_path / "out", data, 3, 3, max_pixels=40 * 36 - 1)
+    assert not (tmp_path / "out" / "metrics.csv").exists()  # nothing written before the checks
+    assert metrics.Tracker(tmp_path / "out", data, 3, 3, max_pixels=40 * 36).rows == []
+
+
+def test_reference_folders_are_decoded_as_our_loader_decodes(tmp_path, tiny):
+    """A reference image with alpha and one stored on its side with an EXIF turn: the same pixels (and sizes) as
+    training and test.py see, not what a plain convert("RGB") gives."""
+    (tmp_path / "ref").mkdir()
+    rgba = Image.new("RGBA", (24, 20), (255, 0, 0, 0))  # fully transparent red: white over white
+    rgba.save(tmp_path / "ref" / "a.png")
+    turned = Image.new("RGB", (24, 20), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to show
+    turned.save(tmp_path / "ref" / "b.jpg", exif=exif)
+    data = metrics.as_dataset(tmp_path / "ref", "real")
+    assert torch.equal(data[0], torch.full((3, 20, 24), 255, dtype=torch.uint8)) and data[1].shape == (3, 24, 20)
+    assert metrics.sizes_of(data, "real") == {"20x24": 1, "24x20": 1}

@@ -155,3 +155,23 @@ def test_other_layout_that_does_not_match_says_what_was_expected(tmp_path):
     torch.save(state, tmp_path / "upsample.pth")
     with pytest.raises(ValueError, match="expected 6 \\+ 2n conv weights .* found 18 4-D, 17 1-D and 0 other"):
         load_generator(tmp_path / "upsample.pth")
+
+
+def test_a_u_net_generator_is_named_as_one(tmp_path):
+    """The authors' unet_256 (8 4x4 convolutions down, 8 transposed up, a bias each with InstanceNorm): the file is
+    named for what it is, not blamed on channel counts."""
+    down = [3, 64, 128, 256, 512, 512, 512, 512, 512]
+    state = {}
+    for i, (a, b) in enumerate(zip(down, down[1:])):
+        state[f"model.down{i}.weight"], state[f"model.down{i}.bias"] = torch.zeros(b, a, 4, 4), torch.zeros(b)
+    up = [512, 1024, 1024, 1024, 1024, 512, 256, 128]  # inputs: the skip connections double them
+    for i, (a, b) in enumerate(zip(up, [512, 512, 512, 512, 256, 128, 64, 3])):
+        state[f"model.up{i}.weight"], state[f"model.up{i}.bias"] = torch.zeros(a, b, 4, 4), torch.zeros(b)
+    torch.save(state, tmp_path / "unet.pth")
+    with pytest.raises(ValueError) as e:
+        load_generator(tmp_path / "unet.pth")
+    assert "U-Net" in str(e.value) and "ResNet" in str(e.value) and "--input_nc" not in str(e.value)
+    state = {k: v[..., :3, :3] if v.dim() == 4 else v for k, v in state.items()}  # 3x3 kernels: not ours either
+    torch.save(state, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="not a ResNet generator .its convolutions are 3x3"):
+        load_generator(tmp_path / "other.pth")

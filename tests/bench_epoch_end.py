@@ -1,0 +1,92 @@
+"""Benchmark (not a test): what an epoch end costs next to the epoch's steps, in whole train.py runs.
+
+    python tests/bench_epoch_end.py                 # the demo (README's quick start) and a 128 px run of 8 scenes
+    python tests/bench_epoch_end.py --only 128      # one of them
+
+Each run is train.py's main() in a process of its own, with EpochEnd's steps and train_epoch timed from outside:
+the seconds of the epochs' steps, of each epoch-end step (the sheet, the figures' submit), of the wait for the last
+redraw at the end, and the CPU seconds the background redraws (figures.py subprocesses) took in all.
+"""
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = {  # name: (demo image side, train images per domain, test images per domain, train.py flags)
+    "demo": (40, 300, 20, ["--size", "32", "--n_epochs", "2", "--decay_epoch", "1", "--lr", "0.0005", "--n_cpu", "0",
+                           "--seed", "1"]),
+    "128": (144, 8, 8, ["--size", "128", "--n_epochs", "1", "--decay_epoch", "0", "--n_cpu", "2", "--seed", "0"]),
+}
+
+
+def child(argv):
+    """Run train.main(argv) with its epoch end timed; print one JSON line of seconds."""
+    sys.path.insert(0, str(ROOT))
+    import epoch_end
+    import train
+    seconds = defaultdict(float)
+
+    def timed(owner, name, key):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                seconds[key] += time.perf_counter() - t0
+        setattr(owner, name, wrapper)
+
+    for step in epoch_end.EpochEnd.STEPS:
+        timed(epoch_end.EpochEnd, step, step)
+    timed(epoch_end.EpochEnd, "close", "wait at the end")
+    timed(train, "train_epoch", "steps")
+    t0 = time.perf_counter()
+    train.main(train.get_parser().parse_args(argv))
+    seconds["whole run"] = time.perf_counter() - t0
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # the redraws (and loader workers, if any)
+    seconds["children CPU"] = usage.ru_utime + usage.ru_stime
+    print(json.dumps(seconds))
+
+
+def main(args):
+    sys.path.insert(0, str(ROOT))
+    from datasets import make_demo
+    rows = []
+    for name, (side, n_train, n_test, flags) in RUNS.items():
+        if args.only and args.only != name:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            make_demo(Path(tmp) / "data", size=side, n_train=n_train, n_test=n_test)
+            cmd = [sys.executable, __file__, "--child", "--dataroot", f"{tmp}/data", "--output_dir", f"{tmp}/out",
+                   "--no_visdom", *flags, *args.extra]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode:
+                sys.exit(f"{name} failed:\n{r.stderr}")
+            s = json.loads(r.stdout.strip().splitlines()[-1])
+            epochs = int(flags[flags.index("--n_epochs") + 1])
+            rows.append((name, epochs, s))
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    print(f"\n{cpu}, {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores; seconds per run")
+    print("| run | epochs | steps | sheets | evaluations | figures (submit) | wait at the end | redraw CPU (all) | "
+          "whole run |\n|---|---|---|---|---|---|---|---|---|")
+    for name, epochs, s in rows:
+        print(f"| {name} | {epochs} | {s['steps']:.1f} | {s['sheet']:.2f} | {s['evaluation']:.2f} | "
+              f"{s['figures']:.3f} | {s['wait at the end']:.2f} | {s['children CPU']:.2f} | {s['whole run']:.1f} |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2:])
+    else:
+        p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--only", choices=list(RUNS), help="one run only")
+        args, extra = p.parse_known_args()
+        args.extra = extra  # more train.py flags, e.g. --amp or --n_samples 0
+        main(args)
