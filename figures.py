@@ -9,10 +9,13 @@ the training thread only starts a process, and a figure that cannot be drawn cos
 Exit codes: 0 drawn, 1 an error of the caller (no such folder, no losses.csv), 2 the figures could not be drawn.
 """
 import argparse
+import hashlib
 import html
 import json
 import math
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -38,8 +41,9 @@ TITLES = {  # what each curve is, from models.py's objective and train.py's step
 Y_LABELS = {"fid": "FID", "kid": "KID ×100"}
 # Same data, same bytes: ids are hashed with a fixed salt instead of random ones (and savefig gets no Date). No path
 # simplification: every logged point is a vertex in the SVG, so a reader (or a test) finds what losses.csv holds.
+# Text stays text in the SVGs (svg.fonttype none): glyphs as paths cost a tenth of every redraw, and the files grow.
 RC = {"svg.hashsalt": "cyclegan-figures", "path.simplify": False, "font.size": 9, "legend.fontsize": 8,
-      "axes.grid": True, "grid.alpha": 0.3}
+      "axes.grid": True, "grid.alpha": 0.3, "svg.fonttype": "none"}
 SVG_SIZE, SVG_RC = (6.4, 4.0), {"font.size": 11, "legend.fontsize": 9}  # 614 x 384 px, often shown at 2/3 of that
 OVERVIEW_COLUMNS, OVERVIEW_PANEL, OVERVIEW_DPI = 4, (3.25, 2.6), 150  # 4 panels of 3.25 in: 1950 px wide
 PAGE_STYLE = ("body{font-family:sans-serif;margin:1em;max-width:1900px}table{border-collapse:collapse}"
@@ -142,33 +146,67 @@ def set_margins(fig, left, bottom, right, top, **spacing):
     fig.subplots_adjust(left=left / w, bottom=bottom / h, right=1 - right / w, top=1 - top / h, **spacing)
 
 
+def drawing_keys(data):
+    """A key per file of plots/ that changes when what it shows does: the data of its curve (all of them for the
+    overview), the lr decay, and this file's own code, which says how they are drawn."""
+    code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    epochs = [r["epoch"] for r in data["rows"]] + [m["epoch"] for m in data["metrics"]]
+    keys = {}
+    for name in data["curves"]:
+        shown = ([[m["epoch"]] + [m.get(f"{k}_{d}") for d in DIRECTIONS for k in (name, "kid_std")]
+                  for m in data["metrics"]] if name in Y_LABELS else [[r["epoch"], r[name]] for r in data["rows"]])
+        about = repr((name, shown, data["decay_epoch"], max(epochs, default=None), code))
+        keys[f"{name}.svg"] = hashlib.sha256(about.encode()).hexdigest()
+    keys["overview.png"] = hashlib.sha256(repr((sorted(keys.items()), data["name"])).encode()).hexdigest()
+    return keys
+
+
 def draw_plots(plots, data):
-    """plots/NAME.svg for each curve and plots/overview.png with all of them as small panels; their paths."""
+    """plots/NAME.svg for each curve and plots/overview.png with all of them as small panels, each drawn only if
+    what it shows changed since it was drawn (plots/.drawn.json keeps the keys); the paths drawn."""
+    keys, manifest = drawing_keys(data), plots / ".drawn.json"
+    try:
+        drawn = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        drawn = {}
+    todo = {k for k, v in keys.items() if drawn.get(k) != v or not (plots / k).is_file()}
+    if not todo:
+        return []
     import matplotlib
     from matplotlib.figure import Figure  # no pyplot: no global figure list, no display backend, Agg for the PNG
     plots.mkdir(exist_ok=True)
+    manifest.unlink(missing_ok=True)  # a redraw stopped halfway leaves no key for a file it did not finish
     written, curves = [], data["curves"]
     with matplotlib.rc_context(RC):
-        for name in curves:
+        for name in (c for c in curves if f"{c}.svg" in todo):
             with matplotlib.rc_context({**SVG_RC, "svg.id": f"figure-{name}"}):
                 fig = Figure(figsize=SVG_SIZE)
                 set_margins(fig, 0.8, 0.55, 0.15, 0.4)  # tick labels of up to 6 characters (sci notation past 1e4)
                 panel(fig.add_subplot(), name, data)
                 written.append(save(fig, plots / f"{name}.svg"))
-        n_rows = -(-len(curves) // OVERVIEW_COLUMNS)
-        fig = Figure(figsize=(OVERVIEW_COLUMNS * OVERVIEW_PANEL[0], n_rows * OVERVIEW_PANEL[1]))
-        set_margins(fig, 0.6, 0.45, 0.15, 0.7, wspace=0.35, hspace=0.65)
-        axes = fig.subplots(n_rows, OVERVIEW_COLUMNS, squeeze=False).ravel()
-        for ax, name in zip(axes, curves):
-            panel(ax, name, data, small=True)
-        for ax in axes[len(curves):]:
-            ax.set_visible(False)
-        # One legend for the loss panels: the same entries on each would hide the curves.
-        handles = dict(zip(*reversed(axes[0].get_legend_handles_labels())))
-        fig.legend(handles.values(), handles.keys(), loc="upper right", ncols=len(handles), frameon=False)
-        fig.suptitle(f"{data['name']}: losses and metrics against epochs", x=0.01, ha="left")
-        written.append(save(fig, plots / "overview.png", dpi=OVERVIEW_DPI))
+        if "overview.png" in todo:
+            written.append(draw_overview(plots / "overview.png", data))
+    write_atomic(manifest, lambda f: json.dump(keys, f), "w")
     return written
+
+
+def draw_overview(path, data):
+    """plots/overview.png: every curve as a small panel, four to a row, one legend for the losses."""
+    from matplotlib.figure import Figure
+    curves = data["curves"]
+    n_rows = -(-len(curves) // OVERVIEW_COLUMNS)
+    fig = Figure(figsize=(OVERVIEW_COLUMNS * OVERVIEW_PANEL[0], n_rows * OVERVIEW_PANEL[1]))
+    set_margins(fig, 0.6, 0.45, 0.15, 0.7, wspace=0.35, hspace=0.65)
+    axes = fig.subplots(n_rows, OVERVIEW_COLUMNS, squeeze=False).ravel()
+    for ax, name in zip(axes, curves):
+        panel(ax, name, data, small=True)
+    for ax in axes[len(curves):]:
+        ax.set_visible(False)
+    # One legend for the loss panels: the same entries on each would hide the curves.
+    handles = dict(zip(*reversed(axes[0].get_legend_handles_labels())))
+    fig.legend(handles.values(), handles.keys(), loc="upper right", ncols=len(handles), frameon=False)
+    fig.suptitle(f"{data['name']}: losses and metrics against epochs", x=0.01, ha="left")
+    return save(fig, path, dpi=OVERVIEW_DPI)
 
 
 def number(value, fmt=".2f"):
@@ -284,13 +322,14 @@ def draw(output_dir, decay_epoch=None, plots=True):
 class Background:
     """Runs `python figures.py OUTPUT_DIR --quiet` in a subprocess, one at a time: the caller (the training loop)
     pays only for starting a process. A submit while one runs is remembered and run when it has ended (seen at the
-    next submit, or at close). A process that cannot start, fails or crashes never raises here; after one failed
-    redraw (its one warning line said why) the later ones run without a word, so the page stays current."""
+    next submit, or at close); a submit when the run's files have not changed since the last one starts nothing. A
+    process that cannot start, fails or crashes never raises here; after one failed redraw (its one warning line
+    said why) the later ones run without a word, so the page stays current."""
 
     SCRIPT = Path(__file__).resolve().with_name("figures.py")
 
     def __init__(self):
-        self.proc, self.pending, self.failed = None, None, False  # failed: one redraw said why; the rest are quiet
+        self.proc, self.pending, self.failed, self.drawn = None, None, False, None  # drawn: inputs of the last start
 
     def submit(self, output_dir, decay_epoch=None):
         """Redraw output_dir now, or once more after the redraw that is still running."""
@@ -302,23 +341,27 @@ class Background:
         self._start(output_dir, decay_epoch)
 
     def close(self, timeout=60):
-        """Wait for the running redraw, then run the pending one, within `timeout` seconds in all; a redraw still
-        running then is left to finish on its own (it writes every file atomically)."""
-        deadline = time.monotonic() + timeout
-        for _ in range(2):
-            if self.proc is not None:
-                try:
-                    self.proc.wait(max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    return
-            self.failed = self.failed or bool(self.proc and self.proc.returncode)
-            if self.pending is None:
-                return
-            (output_dir, decay_epoch), self.pending = self.pending, None
+        """The last redraw, waited for within `timeout` seconds: a running one that a pending one would replace is
+        stopped (it writes every file atomically), so the caller waits for one redraw at most. One still running at
+        the timeout is left to finish on its own."""
+        (output_dir, decay_epoch), self.pending = self.pending or (None, None), None
+        if output_dir is not None and (decay_epoch, run_files(output_dir)) != self.drawn:
+            if self.proc is not None and self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: the whole redraw
+                self.proc.wait()
             self._start(output_dir, decay_epoch)
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
 
     def _start(self, output_dir, decay_epoch):
-        """Start the redraw of output_dir; a process that cannot start is one warning line."""
+        """Start the redraw of output_dir, unless its files are as the last redraw found them; a process that
+        cannot start is one warning line."""
+        inputs = (decay_epoch, run_files(output_dir))
+        if inputs == self.drawn:
+            return
         cmd = [sys.executable, str(self.SCRIPT), str(output_dir), "--quiet"]
         if decay_epoch is not None:
             cmd += ["--decay_epoch", str(decay_epoch)]
@@ -327,9 +370,23 @@ class Background:
             # kill the redraw halfway with a traceback. stderr is the training's, for the one warning line.
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL if self.failed else None, start_new_session=True)
+            self.drawn = inputs
         except OSError as e:  # no interpreter to run (a removed environment): one line, the training goes on
             self.proc = None
             print(f"warning: figures not drawn ({e})", file=sys.stderr)
+
+
+def run_files(output_dir):
+    """(name, size, mtime) of each file the figures and the page are drawn from: equal, nothing to redraw."""
+    out = Path(output_dir)
+    found = []
+    for path in [out / n for n in ("losses.csv", "metrics.csv", BEST, "index.html")] + sorted(out.glob("samples/*")):
+        try:
+            st = path.stat()
+            found.append((path.name, st.st_size, st.st_mtime_ns))
+        except OSError:
+            continue
+    return found
 
 
 def get_parser():

@@ -4,8 +4,9 @@
     python tests/bench_epoch_end.py --only 128      # one of them
 
 Each run is train.py's main() in a process of its own, with EpochEnd's steps and train_epoch timed from outside:
-the seconds of the epochs' steps, of each epoch-end step (the sheet, the figures' submit), of the wait for the last
-redraw at the end, and the CPU seconds the background redraws (figures.py subprocesses) took in all.
+the seconds of the imports, of the epochs' steps (the checkpoints written in them also alone), of each epoch-end step
+(the seed's files, the sheet, the figures' submit), of the wait for the last redraw at the end; and the CPU seconds
+of one redraw (python figures.py on the finished run).
 """
 import argparse
 import json
@@ -27,10 +28,11 @@ RUNS = {  # name: (demo image side, train images per domain, test images per dom
 
 def child(argv):
     """Run train.main(argv) with its epoch end timed; print one JSON line of seconds."""
+    t0 = time.perf_counter()
     sys.path.insert(0, str(ROOT))
     import epoch_end
     import train
-    seconds = defaultdict(float)
+    seconds = defaultdict(float, imports=time.perf_counter() - t0)
 
     def timed(owner, name, key):
         original = getattr(owner, name)
@@ -46,12 +48,11 @@ def child(argv):
     for step in epoch_end.EpochEnd.STEPS:
         timed(epoch_end.EpochEnd, step, step)
     timed(epoch_end.EpochEnd, "close", "wait at the end")
-    timed(train, "train_epoch", "steps")
+    timed(train, "train_epoch", "steps")  # the checkpoints written in it too, also timed alone:
+    timed(train, "save_checkpoint", "checkpoints")
     t0 = time.perf_counter()
     train.main(train.get_parser().parse_args(argv))
-    seconds["whole run"] = time.perf_counter() - t0
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # the redraws (and loader workers, if any)
-    seconds["children CPU"] = usage.ru_utime + usage.ru_stime
+    seconds["whole run"] = time.perf_counter() - t0 + seconds["imports"]
     print(json.dumps(seconds))
 
 
@@ -70,15 +71,21 @@ def main(args):
             if r.returncode:
                 sys.exit(f"{name} failed:\n{r.stderr}")
             s = json.loads(r.stdout.strip().splitlines()[-1])
+            (Path(tmp) / "out" / "plots" / ".drawn.json").unlink()  # every file drawn again, as at an epoch end
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            subprocess.run([sys.executable, str(ROOT / "figures.py"), f"{tmp}/out", "--quiet"], check=True)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            s["redraw CPU"] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
             epochs = int(flags[flags.index("--n_epochs") + 1])
             rows.append((name, epochs, s))
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(f"\n{cpu}, {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores; seconds per run")
-    print("| run | epochs | steps | sheets | evaluations | figures (submit) | wait at the end | redraw CPU (all) | "
-          "whole run |\n|---|---|---|---|---|---|---|---|---|")
+    print("| run | epochs | imports | steps (checkpoints in them) | generators | sheets | evaluations | figures (submit) "
+          "| wait at the end | one redraw, CPU | whole run |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for name, epochs, s in rows:
-        print(f"| {name} | {epochs} | {s['steps']:.1f} | {s['sheet']:.2f} | {s['evaluation']:.2f} | "
-              f"{s['figures']:.3f} | {s['wait at the end']:.2f} | {s['children CPU']:.2f} | {s['whole run']:.1f} |")
+        print(f"| {name} | {epochs} | {s['imports']:.1f} | {s['steps']:.1f} ({s['checkpoints']:.1f}) | "
+              f"{s['generators']:.2f} | {s['sheet']:.2f} | {s['evaluation']:.2f} | {s['figures']:.3f} | "
+              f"{s['wait at the end']:.2f} | {s['redraw CPU']:.2f} | {s['whole run']:.1f} |")
 
 
 if __name__ == "__main__":

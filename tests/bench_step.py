@@ -2,7 +2,7 @@
 
     python tests/bench_step.py --size 256 --cuda         # ms/step, img/s, peak memory, warm-up: seed vs ours
     python tests/bench_step.py --size 128                # the same on the CPU (no CUDA graph there)
-    python tests/bench_step.py runs --size 128 --steps 8 # whole runs: the seed's train loop vs train.py, wall + RSS
+    python tests/bench_step.py runs --size 128 --steps 8 # whole runs on 8 demo scenes: the seed's loop vs train.py
 
 The seed-style step is aitorzip/PyTorch-CycleGAN's algorithm: six generator calls, the discriminators' gradients
 computed (and thrown away) in the generator update, patch maps average-pooled to one score, three plain Adams,
@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from models import Discriminator, Generator, weights_init_normal  # noqa: E402
+from datasets import make_demo  # noqa: E402
 from runtime import amp_dtype  # noqa: E402
 from utils import ReplayBuffer  # noqa: E402
 
@@ -212,13 +213,8 @@ def timed(cmd):
 
 def time_runs(args):
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "data"
-        rng = np.random.default_rng(0)
-        side = int(args.size * 1.12) + 6
-        for domain in "AB":
-            (data / "train" / domain).mkdir(parents=True)
-            for i in range(args.steps):
-                Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(data / "train" / domain / f"{i}.png")
+        data = Path(tmp) / "data"  # the demo's scenes, with a test split: train.py draws its sample sheets
+        make_demo(data, size=int(args.size * 1.12) + 1, n_train=args.steps, n_test=args.steps)
         common = ["--size", str(args.size), "--n_cpu", str(args.n_cpu)] + ["--cuda"] * args.cuda
         runs = {"seed's train loop (fp32)": lambda k: [sys.executable, __file__, "seed-run", "--dataroot", str(data),
                                                        "--output_dir", f"{tmp}/seed{k}", *common],

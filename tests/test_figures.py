@@ -2,6 +2,7 @@
 works on today's losses.csv, and a failure to draw is one line that never reaches the caller."""
 import math
 import re
+import signal
 import sys
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
@@ -106,7 +107,7 @@ def test_two_epoch_run_gives_every_figure_and_a_page_that_links_only_what_exists
         assert markers(plots / "fid.svg", f"fid-{d}") == 2 and markers(plots / "kid.svg", f"kid-{d}") == 2
     with Image.open(plots / "overview.png") as im:  # 10 curves: 3 rows of 4 panels of 3.25 x 2.6 in at 150 dpi
         assert im.size == (1950, 1170)
-    assert not [p for p in plots.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+    assert not [p for p in plots.iterdir() if p.name.endswith(".tmp")]  # no temporary file left behind
 
     page = Page((out / "training.html").read_text(encoding="utf-8"))
     assert page.links and all((out / unquote(link)).is_file() for link in page.links), page.links
@@ -204,9 +205,27 @@ def test_background_runs_one_at_a_time_and_the_newest_pending_once(fake_script):
     for k in range(3):  # the first starts; the second and third arrive while it runs: only the third is redrawn
         background.submit(f"run-{k}", k)
     assert background.pending == ("run-2", 2)
-    background.close(timeout=30)
-    assert fake_script.read_text().splitlines() == ["run-0 --quiet --decay_epoch 0", "run-2 --quiet --decay_epoch 2"]
+    first = background.proc
+    background.close(timeout=30)  # the running redraw would be replaced: stopped, so the caller waits for one
+    assert first.returncode == -signal.SIGTERM
+    calls = fake_script.read_text().splitlines()
+    assert calls[-1] == "run-2 --quiet --decay_epoch 2" and set(calls[:-1]) <= {"run-0 --quiet --decay_epoch 0"}
     assert background.pending is None and background.proc.returncode == 2  # a failed redraw: no exception
+
+
+def test_background_starts_nothing_when_the_run_files_are_unchanged(fake_script, tmp_path):
+    out = tmp_path / "run-0"
+    out.mkdir()
+    (out / "losses.csv").write_text(LOSSES_HEADER + "\n")
+    background = figures.Background()
+    for _ in range(2):  # the second finds what the first found: nothing to redraw
+        background.submit(out)
+        background.close(timeout=30)
+    (out / "samples").mkdir()
+    (out / "samples" / "epoch_001.png").write_bytes(b"a new sheet")
+    background.submit(out)
+    background.close(timeout=30)
+    assert len(fake_script.read_text().splitlines()) == 2
 
 
 def test_background_never_raises_when_no_process_can_start(fake_script, monkeypatch, capfd):
@@ -236,3 +255,15 @@ def test_histories_keep_whole_rows_only(tmp_path):
     rows = files.keep_rows(path, ["epoch", "step", "fid_A2B", "weights"], "epoch", 5, text=("weights",))
     assert rows == [{"epoch": 1, "step": 6, "fid_A2B": 30.5, "weights": "abc"}]
     assert path.read_text().splitlines() == ["epoch,step,fid_A2B,weights", "1,6,30.5,abc"]
+
+
+def test_a_redraw_draws_only_the_files_whose_curves_changed(tmp_path):
+    out = write_run(tmp_path / "run")
+    first = {p.name for p in figures.draw(out)}
+    assert {"loss_G.svg", "fid.svg", "overview.png", "training.html"} <= first
+    assert [p.name for p in figures.draw(out)] == ["training.html"]  # nothing changed: the page only
+    metrics = (out / "metrics.csv").read_text().splitlines()
+    (out / "metrics.csv").write_text("\n".join(metrics[:-1]) + "\n")  # one evaluation fewer: fid and kid change
+    assert {p.name for p in figures.draw(out)} == {"fid.svg", "kid.svg", "overview.png", "training.html"}
+    (out / "plots" / "lr.svg").unlink()  # a file gone is drawn again
+    assert {p.name for p in figures.draw(out)} == {"lr.svg", "training.html"}
