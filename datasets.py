@@ -193,9 +193,9 @@ class ImageDataset(Dataset):
 
     attempts = 5  # decode failures in a row before giving up on an item
 
-    def __init__(self, root, size, input_nc=3, output_nc=3, split="train", seed=0):
+    def __init__(self, root, size, input_nc=3, output_nc=3, split="train", seed=0, load_size=None):
         self.size, self.input_nc, self.output_nc, self.seed = size, input_nc, output_nc, seed
-        self.side = int(size * 1.12)  # the shorter side after resizing, before the random crop
+        self.side = load_size or int(size * 1.12)  # the shorter side after resizing, before the random crop
         too_big = too_big_to_resize(self.side)
         self.files_A, skipped_A = readable_images(domain_dir(root, split, "A"), too_big=too_big)
         self.files_B, skipped_B = readable_images(domain_dir(root, split, "B"), too_big=too_big)
@@ -205,7 +205,7 @@ class ImageDataset(Dataset):
         return max(len(self.files_A), len(self.files_B))
 
     def augment(self, img, rng):
-        """Resize the shorter side to 1.12 * size (bicubic), random size x size crop, random h-flip."""
+        """Resize the shorter side to load_size (default 1.12 * size; bicubic), random size x size crop, random h-flip."""
         img = resize_shorter_side(img, self.side)
         w, h = img.size
         top, left = int(rng.integers(0, h - self.size + 1)), int(rng.integers(0, w - self.size + 1))

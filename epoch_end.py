@@ -107,6 +107,7 @@ class EpochEnd:
         row = best_row(self.tracker.rows) if self.tracker and self.args.keep_best else None
         if row is None or row["epoch"] != run.epoch or kept_epoch(self.out) == run.epoch:
             return
+        (self.out / BEST).unlink(missing_ok=True)  # while the pair is written, no file says which epoch it holds
         if all(try_save(cpu_state(run.nets[name]), self.out / f"best_net{name}.pth") for name in ("G_A2B", "G_B2A")):
             about = {"epoch": run.epoch, "step": row["step"], "fid_A2B": row["fid_A2B"], "fid_B2A": row["fid_B2A"]}
             try:

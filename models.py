@@ -70,6 +70,37 @@ class Discriminator(nn.Module):
         return self.model(x)  # (B, 1, 30, 30) for 256 px
 
 
+class MultiScaleDiscriminator(nn.Module):
+    """K PatchGANs of the paper's design, the k-th seeing the input average-pooled k times (pix2pixHD's pooling:
+    3x3, stride 2, padding not counted): patches of 70, 140, 280, ... px of the input. A list of K patch maps."""
+
+    def __init__(self, input_nc, scales):
+        super().__init__()
+        self.scales = nn.ModuleList([Discriminator(input_nc) for _ in range(scales)])
+
+    def forward(self, x):
+        maps = []
+        for k, D in enumerate(self.scales):
+            if k:
+                x = F.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=False)  # (B, C, ceil(H/2), ceil(W/2))
+            maps.append(D(x))
+        return maps
+
+
+def discriminator(input_nc, scales=1):
+    """The paper's PatchGAN (scales=1: the same module and state-dict keys as the seed's), or K of them."""
+    return Discriminator(input_nc) if scales == 1 else MultiScaleDiscriminator(input_nc, scales)
+
+
+def max_scales(size, smallest=24):
+    """The most discriminator scales a size x size crop allows: the coarsest, ceil(size / 2^(K-1)) px, must be at
+    least `smallest`, the PatchGAN's minimum input (three stride-2 convolutions, then two 4x4 ones)."""
+    k = 1
+    while -(-size // 2 ** k) >= smallest:
+        k += 1
+    return k
+
+
 class SlicedReflectionPad2d(nn.Module):
     """nn.ReflectionPad2d built from slices, flips and cat: the same numbers, and a backward pass that CUDA computes
     deterministically (the built-in one accumulates with atomics, which --deterministic refuses)."""
@@ -215,5 +246,9 @@ def generate(G, x, y, identity):
 
 
 def lsgan(pred, target):
-    """Least-squares GAN loss on every patch of the (B, 1, H/8 - 2, W/8 - 2) map, towards a constant target."""
+    """Least-squares GAN loss on every patch of the (B, 1, H/8 - 2, W/8 - 2) map, towards a constant target; for a
+    multi-scale discriminator's list of maps, the mean over scales (so the adversarial term keeps its weight against
+    lambda_cycle, whatever the number of scales)."""
+    if isinstance(pred, list):
+        return sum(lsgan(p, target) for p in pred) / len(pred)
     return F.mse_loss(pred, torch.full_like(pred, target))

@@ -25,7 +25,8 @@ from checkpoints import (cpu_state, load_checkpoint, load_optimizer, lock_output
                          try_save)
 from datasets import ImageDataset, skipped_summary, train_loader
 from epoch_end import EpochEnd
-from models import Discriminator, DiscriminatorLoss, Generator, GeneratorLoss, use_sliced_padding, weights_init_normal
+from models import (DiscriminatorLoss, Generator, GeneratorLoss, discriminator, max_scales, use_sliced_padding,
+                    weights_init_normal)
 from report import run_logger
 from runtime import (CudaGraphStep, Stopper, adam, amp_dtype, rng_state, set_rng_state, setup_processes, stop_children,
                      to_device)
@@ -52,6 +53,8 @@ def get_parser():
     p.add_argument("--input_nc", type=int, default=3, help="number of channels of input data")
     p.add_argument("--output_nc", type=int, default=3, help="number of channels of output data")
     p.add_argument("--n_blocks", type=int, default=9, help="residual blocks per generator (the authors use 6 up to 128 px)")
+    p.add_argument("--d_scales", type=int, default=1, help="PatchGANs per discriminator, on the input pooled 0..K-1 times")
+    p.add_argument("--load_size", type=int, default=None, help="shorter side before the random --size crop (1.12 * size)")
     p.add_argument("--cuda", action="store_true", help="use GPU computation")
     p.add_argument("--n_cpu", type=int, default=8, help="number of cpu threads to use during batch generation")
     p.add_argument("--output_dir", type=str, default="output", help="where checkpoints and losses.csv go")
@@ -109,6 +112,10 @@ def check_args(args, resuming=False):
                         "pass --lambda_identity 0")
     if args.cuda and not torch.cuda.is_available():
         raise UserError("--cuda was given but PyTorch sees no CUDA GPU; drop --cuda to train on the CPU")
+    if not (most := max_scales(args.size)) >= args.d_scales >= 1:  # the coarsest scale must see the PatchGAN's 24 px
+        raise UserError(f"--d_scales {args.d_scales}: at --size {args.size} from 1 to {most} scales fit")
+    if args.load_size is not None and not args.size <= args.load_size <= MAX_SIZE:
+        raise UserError(f"--load_size {args.load_size}: from --size ({args.size}) to {MAX_SIZE}")
     if args.n_blocks > 64:  # the paper has 9; each costs 2.4 MB of weights and a full-size activation per image
         raise UserError(f"--n_blocks {args.n_blocks}: at most 64 residual blocks (the paper uses 9, or 6 up to 128 px)")
     if min(args.batchSize, args.display_freq, args.n_blocks) < 1 or min(args.save_freq, args.pool_size, args.n_cpu,
@@ -118,8 +125,7 @@ def check_args(args, resuming=False):
     if (args.keep_best or args.fid_weights) and not args.eval_freq:
         raise UserError("--keep_best and --fid_weights go with --eval_freq K (FID and KID every K epochs)")
     if args.fid_weights and not Path(args.fid_weights).is_file():
-        raise UserError(f"--fid_weights {args.fid_weights} is not a file: pass the Inception weights file "
-                        f"(pt_inception or weights-inception-2015-12-05-*.pth)")
+        raise UserError(f"--fid_weights {args.fid_weights} is not a file: pass the Inception weights file")
 
 
 def train_step(g_loss, d_loss, discriminators, optimizer_G, optimizer_D, scaler, autocast, buffers,
@@ -185,7 +191,7 @@ def build(args, device, rank=0, epoch_size=1):
     layout) and each optimizer's lr is a tensor on the device: eager and captured steps compute the same numbers."""
     nets = {"G_A2B": Generator(args.input_nc, args.output_nc, args.n_blocks),
             "G_B2A": Generator(args.output_nc, args.input_nc, args.n_blocks),
-            "D_A": Discriminator(args.input_nc), "D_B": Discriminator(args.output_nc)}
+            "D_A": discriminator(args.input_nc, args.d_scales), "D_B": discriminator(args.output_nc, args.d_scales)}
     accelerator = device.type != "cpu"
     memory_format = torch.channels_last if accelerator else torch.contiguous_format
     for net in nets.values():
@@ -293,8 +299,7 @@ def main(args):
     dataset = open_dataset(args, log)
     run = build(args, world.device, world.rank, epoch_size=len(dataset))
     if args.amp and run.dtype is None:
-        log("--amp: this CPU has no bfloat16 units (AVX512-BF16 or AMX), where emulated bfloat16 runs at a third of "
-            "float32's speed, so training runs in float32")
+        log("--amp: no bfloat16 units on this CPU (AVX512-BF16 or AMX; emulated, 3x slower): training runs in float32")
     try:
         saved_ranks = restore(run, ckpt, args, world.rank, world.size) if ckpt is not None else None
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:  # a damaged or foreign file
@@ -349,7 +354,8 @@ def open_output(args, is_main):
 def open_dataset(args, log):
     """The training split; files that cannot be images are left out, and named."""
     try:
-        dataset = ImageDataset(args.dataroot, args.size, args.input_nc, args.output_nc, seed=args.seed)
+        dataset = ImageDataset(args.dataroot, args.size, args.input_nc, args.output_nc, seed=args.seed,
+                               load_size=args.load_size)
     except ValueError as e:
         raise UserError(e) from None
     if dataset.skipped:
@@ -423,12 +429,11 @@ def finish(run, args, world, stopped, saved, done=False):
     if not saved:
         raise UserError(f"the last checkpoint could not be written; free space in {out} and run: "
                         f"{resume_command(args)}")
-    if world.is_main and done:
-        print(f"all {args.n_epochs} epochs of this run are done ({run.step} steps); "
-              f"to train longer, resume with a larger --n_epochs")
-    elif world.is_main:
-        print(f"stopped at step {run.step}; continue with:\n  {resume_command(args)}" if stopped else
-              f"done: {args.n_epochs} epochs, {run.step} steps; generators in {out}/netG_A2B.pth and netG_B2A.pth")
+    if world.is_main:
+        print(f"all {args.n_epochs} epochs of this run are done ({run.step} steps); to train longer, resume with a "
+              f"larger --n_epochs" if done else f"stopped at step {run.step}; continue with:\n  {resume_command(args)}"
+              if stopped else f"done: {args.n_epochs} epochs, {run.step} steps; generators in {out}/netG_A2B.pth and "
+                              f"netG_B2A.pth")
     if world.ddp:
         dist.destroy_process_group()
 

@@ -2,6 +2,7 @@
 
     python tests/bench_step.py --size 256 --cuda         # ms/step, img/s, peak memory, warm-up: seed vs ours
     python tests/bench_step.py --size 128                # the same on the CPU (no CUDA graph there)
+    python tests/bench_step.py --size 128 --only scales --d_scales 1 2 3   # multi-scale discriminators' cost
     python tests/bench_step.py runs --size 128 --steps 8 # whole runs on 8 demo scenes: the seed's loop vs train.py
 
 The seed-style step is aitorzip/PyTorch-CycleGAN's algorithm: six generator calls, the discriminators' gradients
@@ -78,9 +79,9 @@ def setups(device, args):
         buffers = ReplayBuffer(50, 0), ReplayBuffer(50, 1)
         return functools.partial(seed_step, nets, optimizers, buffers)
 
-    def ours(amp, capture, layout=None, pinned=True):
+    def ours(amp, capture, layout=None, pinned=True, scales=1):
         """train.py's step as main() builds it (train.build), in another layout or with pageable draws if asked."""
-        flags = ["--seed", "0", "--n_blocks", str(args.n_blocks)] + ["--amp"] * amp
+        flags = ["--seed", "0", "--n_blocks", str(args.n_blocks), "--d_scales", str(scales)] + ["--amp"] * amp
         run_args = train.get_parser().parse_args(flags)
         run = train.build(run_args, device)
         if layout is not None:  # in place: the optimizers keep the same parameters, their state is made lazily
@@ -113,6 +114,8 @@ def setups(device, args):
     if not cuda and amp_dtype(device) is None:
         variants = [v for v in variants if "--amp" not in v[0]]
         print("(this CPU has no bfloat16 units: --amp trains in float32, so it is not timed separately)")
+    variants += [(f"ours, fp32, --d_scales {k}", functools.partial(ours, False, cuda, scales=k), True)
+                 for k in args.d_scales]
     if args.only:
         variants = [v for v in variants if v[0] == variants[0][0] or any(w in v[0] for w in args.only.split(","))]
     return variants
@@ -247,6 +250,8 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=None, help="timed steps (step mode: 50 on CUDA, 3 on CPU), or steps per run")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (10 on CUDA, 1 on CPU)")
     p.add_argument("--repeats", type=int, default=3, help="runs mode: runs of each kind")
+    p.add_argument("--d_scales", type=int, nargs="*", default=[], help="step mode: also ours with these numbers of "
+                                                                        "discriminator scales (e.g. 2 3)")
     p.add_argument("--cuda", action="store_true")
     p.add_argument("--n_cpu", type=int, default=0, help="loader workers in runs mode")
     p.add_argument("--dataroot")

@@ -1,0 +1,95 @@
+"""--d_scales K (multi-scale discriminators) and --load_size: K=1 is the paper's discriminator, module and keys; K=2
+and 3 train, resume bit for bit after SIGKILL, run under torchrun and with --amp; sizes that cannot fit are one line."""
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import models
+from conftest import FAST, ROOT, make_dataset, run_script
+from test_ddp import torchrun
+from test_resume import wait_for_checkpoint
+
+train = __import__("importlib").import_module("train")
+NETS = ("G_A2B", "G_B2A", "D_A", "D_B")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data"), n_A=4, n_B=3, size=(100, 104), test=False)
+
+
+def test_one_scale_is_the_papers_discriminator_and_loads_the_seeds_files(tmp_path):
+    args = train.get_parser().parse_args(["--n_blocks", "1", "--seed", "0"])
+    run = train.build(args, torch.device("cpu"))
+    assert type(run.nets["D_A"]) is models.Discriminator  # the same module, so the same numbers, as before K existed
+    seed_layout = models.Discriminator(3).state_dict()  # the seed's keys: model.0 ... model.11
+    assert run.nets["D_A"].load_state_dict(seed_layout) is not None and run.nets["D_A"].state_dict().keys() == \
+        seed_layout.keys()
+    maps = [torch.rand(2, 1, 6, 6), torch.rand(2, 1, 2, 2)]
+    assert torch.equal(models.lsgan(maps, 1.0), (models.lsgan(maps[0], 1.0) + models.lsgan(maps[1], 1.0)) / 2)
+
+
+def test_each_scale_sees_the_input_pooled_once_more():
+    D = models.MultiScaleDiscriminator(3, 3)
+    x = torch.randn(1, 3, 96, 96)
+    maps = D(x)
+    assert [m.shape[-1] for m in maps] == [10, 4, 1]  # 96, 48 and 24 px in
+    once = torch.nn.functional.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=False)
+    assert torch.equal(maps[1], D.scales[1](once))
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--size", "32", "--d_scales", "2"], "--d_scales 2: at --size 32 from 1 to 1 scales fit"),
+    (["--size", "64", "--d_scales", "3"], "--d_scales 3: at --size 64 from 1 to 2 scales fit"),
+    (["--d_scales", "0"], "--d_scales 0"), (["--size", "64", "--load_size", "60"], "--load_size 60: from --size (64)"),
+])
+def test_scales_and_load_sizes_that_cannot_work_are_one_line(flags, words):
+    with pytest.raises(train.UserError, match="^" + words.replace("(", r"\(").replace(")", r"\)")):
+        train.check_args(train.get_parser().parse_args(flags))
+
+
+def test_load_size_sets_the_side_before_the_crop(data):
+    from datasets import ImageDataset
+    assert ImageDataset(data, 48, load_size=96).side == 96 and ImageDataset(data, 48).side == 53
+    assert ImageDataset(data, 48, load_size=96)[(0, 1)]["A"].shape == (3, 48, 48)
+
+
+@pytest.mark.parametrize("scales, size", [(2, "48"), (3, "96")])
+def test_more_scales_train_and_resume_bit_for_bit_after_sigkill(data, tmp_path, scales, size):
+    run = ["--dataroot", str(data), *FAST, "--size", size, "--d_scales", str(scales), "--load_size", size,
+           "--n_epochs", "2", "--decay_epoch", "1", "--save_freq", "2", "--display_freq", "1"]
+    r = run_script("train.py", *run, "--output_dir", tmp_path / "reference")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *run, "--output_dir", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_checkpoint(out, proc)
+    time.sleep(random.uniform(0, 1.0))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    r = run_script("train.py", "--resume", "--output_dir", out, "--d_scales", "1" if scales == 2 else "2")
+    if scales == 3:  # another K than the run's is refused, naming both
+        assert r.returncode != 0 and "--d_scales 3 (given 2)" in r.stderr and "architecture" in r.stderr
+        r = run_script("train.py", "--resume", "--output_dir", out)
+    assert r.returncode == 0, r.stderr
+    a, b = (torch.load(d / "checkpoint.pth", weights_only=True) for d in (out, tmp_path / "reference"))
+    assert a["step"] == b["step"] == 8 and a["args"]["d_scales"] == scales
+    for net in NETS:
+        assert all(torch.equal(a[net][k], b[net][k]) for k in b[net]), net
+    assert len([k for k in a["D_A"] if k.endswith("model.0.weight")]) == scales
+
+
+@pytest.mark.parametrize("scales, size", [(2, "48"), (3, "96")])
+def test_more_scales_under_torchrun_and_with_amp(data, tmp_path, scales, size):
+    flags = [*FAST, "--size", size, "--d_scales", str(scales), "--display_freq", "1"]
+    r = torchrun(tmp_path, 2, "--dataroot", data, "--output_dir", tmp_path / "ddp", *flags)
+    assert r.returncode == 0, r.stderr
+    ckpt = torch.load(tmp_path / "ddp" / "checkpoint.pth", weights_only=True)
+    assert ckpt["world_size"] == 2 and len([k for k in ckpt["D_B"] if k.endswith("model.0.weight")]) == scales
+    r = run_script("train.py", "--dataroot", data, "--output_dir", tmp_path / "amp", *flags, "--amp")
+    assert r.returncode == 0 and "done: 1 epochs" in r.stdout, r.stderr
