@@ -246,7 +246,7 @@ def metrics_table(metrics, kept=None):
         cells = [number(m["epoch"], "g"), number(m.get("step", math.nan), ".0f")]
         for d in DIRECTIONS:
             kid, std = 100 * m.get(f"kid_{d}", math.nan), 100 * m.get(f"kid_std_{d}", math.nan)
-            cells += [number(m.get(f"fid_{d}", math.nan)), f"{number(kid)} ± {number(std)}" if finite(kid) else "–"]
+            cells += [number(m.get(f"fid_{d}", math.nan)), f"{number(kid)} ± {number(std)}" if finite(std) else number(kid)]
         cells += [number(sums[i]), " · ".join(["best"] * (i == best) + ["kept as best_netG_*"] * (m["epoch"] == kept))]
         lines.append(f"<tr{' class=best' if i == best else ''}>"
                      + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
