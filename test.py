@@ -25,6 +25,7 @@ from urllib.parse import quote
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 import figures
@@ -56,6 +57,8 @@ def get_parser():
     p.add_argument("--max_size", type=int, default=None, help="scale images whose longer side is over MAX_SIZE px "
                                                                 "down to it (default: translate every image at its "
                                                                 "own size, skipping any that would not fit in memory)")
+    p.add_argument("--mask_dir", type=str, default=None, metavar="DIR", help="translate only where a mask says: "
+                   "DIR/NAME.* per input image (grey: white translates, black keeps, grey blends)")
     p.add_argument("--metrics", action="store_true", help="after translating: FID and KID against the real images "
                                                          "of the target domain, into OUTPUT_DIR/metrics.json")
     p.add_argument("--reference", type=str, default=None, metavar="FOLDER",
@@ -110,6 +113,45 @@ def generator(path, input_nc, output_nc, device):
     return G.to(device, memory_format=precision(device)[0]).eval()
 
 
+class Masks:
+    """--mask_dir: a mask per input image (the same file stem, any image format), read as grey levels: white
+    translates, black keeps, grey blends. The translation written is m * G(x) + (1 - m) * x in 8-bit, so it is the
+    input's decoded pixels exactly where m = 0 and what test.py writes without masks where m = 1."""
+
+    def __init__(self, folder, input_nc, output_nc):
+        if not Path(folder).is_dir():
+            raise ValueError(f"--mask_dir {shown(folder)} is not a folder: pass a folder of masks named as the images")
+        if input_nc != output_nc:
+            raise ValueError("--mask_dir blends the translation with its input, so it needs --input_nc == --output_nc")
+        self.files = {p.stem: p for p in reversed(list_images(folder))}  # x.png before x.jpg: the first name wins
+        self.resized = False
+
+    def apply(self, source, real, fake):
+        """[the blend, the mask as used (1, H, W)] for uint8 (C, H, W) real and fake; a missing or unreadable mask
+        says so in one line, and the image is translated whole."""
+        h, w = real.shape[-2:]
+        path = self.files.get(source.stem)
+        try:
+            mask = load_image(path, 1) if path is not None else None
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for a damaged file
+            print(f"{shown(source)}: mask {shown(path.name)} cannot be read ({first_line(e)}); translated whole",
+                  file=sys.stderr)
+            mask = None
+        if mask is None:
+            if path is None:
+                print(f"{shown(source)}: no mask named {shown(source.stem)}.* in --mask_dir; translated whole",
+                      file=sys.stderr)
+            return [fake, torch.full((1, h, w), 255, dtype=torch.uint8)]
+        if mask.size != (w, h):
+            if not self.resized:
+                print(f"masks of another size than their image are resized to it (the first: {shown(path.name)}, "
+                      f"{mask.size[0]}x{mask.size[1]} to {w}x{h})", file=sys.stderr)
+            self.resized, mask = True, mask.resize((w, h), Image.BILINEAR)
+        m = torch.from_numpy(np.array(mask))[None]  # (1, H, W) uint8
+        blend = (m.double() / 255 * fake.double() + (1 - m.double() / 255) * real.double()).round().to(torch.uint8)
+        return [blend, m]
+
+
 @torch.inference_mode()
 def translate_batch(G, G_back, images, device, layout, autocast):
     """images (B, C, H, W) from the loader -> [real, G(real)] and, with G_back, G_back(G(real)): uint8 on `device`
@@ -157,6 +199,7 @@ def main(args):
     for problem in (channels_problem(args), metrics_problem(args)):
         if problem:
             raise ValueError(problem)
+    masks = Masks(args.mask_dir, args.input_nc, args.output_nc) if args.mask_dir is not None else None
     device = torch.device("cuda" if args.cuda else "cpu")
     layout, autocast = precision(device)
     out = Path(args.output_dir)
@@ -176,7 +219,8 @@ def main(args):
                 print(f"skipped {shown(path)}: {reason}", file=sys.stderr)
             loader = DataLoader(folder, batch_size=None, num_workers=loader_workers(args.n_cpu, len(folder)),
                                 pin_memory=device.type == "cuda")
-            folders = [f"real_{src}", dst] + [f"rec_{src}"] * (G_back is not None)  # source copy, translation, rec
+            # source copy, translation (masked), the mask, reconstruction
+            folders = [f"real_{src}", dst] + [f"mask_{src}"] * bool(masks) + [f"rec_{src}"] * (G_back is not None)
             for d in folders:
                 (out / d).mkdir(exist_ok=True)
             rows = []
@@ -184,9 +228,12 @@ def main(args):
                 results = [r.cpu() for r in translate_batch(G, G_back, images, device, layout, autocast)]
                 for k, i in enumerate(indices):
                     name, source = folder.names[i], folder.files[i]
+                    pictures = [r[k] for r in results]
+                    if masks:  # the translation as m * G(x) + (1 - m) * x, and the mask itself beside it
+                        pictures[1:2] = masks.apply(source, pictures[0], pictures[1])
                     try:
-                        for d, r in zip(folders, results):
-                            write_png(r[k], out / d / f"{name}.png")
+                        for d, r in zip(folders, pictures):
+                            write_png(r, out / d / f"{name}.png")
                     except OSError as e:  # a full disk, a name the file system refuses, ...
                         print(f"skipped {shown(source)}: cannot write its results ({e})", file=sys.stderr)
                         skipped.append((source, f"cannot write its results ({e.strerror or e})"))
@@ -195,7 +242,8 @@ def main(args):
                     if src == "A":
                         written_A[name] = source
             G_name, G_back_name = ("G_A2B", "G_B2A") if src == "A" else ("G_B2A", "G_A2B")
-            columns = [f"x ({src})", f"{G_name}(x)"] + [f"{G_back_name}({G_name}(x))"] * (G_back is not None)
+            columns = [f"x ({src})", f"{G_name}(x)"] + ["mask"] * bool(masks) + \
+                [f"{G_back_name}({G_name}(x))"] * (G_back is not None)
             sections.append((f"{src} → {dst}: {G_name} = {shown(G_path)}", columns, rows))
             print(f"wrote {len(rows)} {src}->{dst} translations to {out / dst}"
                   + (f", reconstructions to {out / folders[2]}" if G_back is not None else ""))
