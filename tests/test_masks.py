@@ -1,19 +1,10 @@
 """test.py --mask_dir: exact outside the masks, equal to the unmasked output inside them, blended between; masks of
 another size, missing and unreadable ones cost one line; both layouts; the page shows the mask."""
 import numpy as np
-import torch
 from PIL import Image
 
 from conftest import make_dataset, run_script
-from models import Generator
-
-
-def generators(folder):
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    for name in ("netG_A2B", "netG_B2A"):
-        torch.save(Generator(3, 3, n_residual_blocks=1).state_dict(), folder / f"{name}.pth")
-    return folder
+from test_metrics import small_generators as generators
 
 
 def pixels(path):
