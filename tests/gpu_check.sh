@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every check that needs a CUDA GPU, in one run that fits one device call: correctness first, then the step
-# benchmark in both memory layouts, then whole runs. Each part runs under its own time limit (30 + 180 + 120 + 150 s:
-# at most 8 minutes); logs and a summary table (summary.md) go to $OUT (default gpu_check/).
+# benchmark in both memory layouts and with 1-3 discriminator scales, then whole runs. Each part runs under its own
+# time limit (25 + 180 + 160 + 120 s: about 8 minutes); logs and a summary table (summary.md) go to $OUT (default
+# gpu_check/).
 # Needs torch, torchvision, pillow, numpy, tqdm, requests and pytest; not visdom.
 #   tests/gpu_check.sh                                      # on the GPU machine
 #   CUDA= SIZE=32 STEPS=4 tests/gpu_check.sh                # dry run of the plumbing on the CPU (test_gpu.py skips)
@@ -34,10 +35,13 @@ __import__(\"sys\").version.split()[0])'"
 # 1. correctness: graph == eager bit for bit, lr reaches the graph, mixed epochs, test.py --cuda vs the CPU on the
 #    demo data set, --amp end to end, deterministic resume
 part 180 "tests/test_gpu.py" test_gpu.log python -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py
-# 2. one step, in one process: the seed's algorithm against ours, eager and captured, channels_last and contiguous
-part 120 "step benchmark, ${SIZE} px" bench_step.log python tests/bench_step.py --size "$SIZE" $CUDA
+# 2. one step, in one process: the seed's algorithm against ours, eager and captured, channels_last and contiguous,
+#    and (from 96 px, where three scales fit) --d_scales 1, 2, 3
+SCALES=()
+[ "$SIZE" -ge 96 ] && SCALES=(--d_scales 1 2 3)
+part 160 "step benchmark, ${SIZE} px" bench_step.log python tests/bench_step.py --size "$SIZE" $CUDA "${SCALES[@]}"
 # 3. whole runs, loading and saving included: the seed's loop, train.py, train.py --amp
-part 150 "whole runs, ${STEPS} steps" bench_runs.log \
+part 120 "whole runs, ${STEPS} steps" bench_runs.log \
     python tests/bench_step.py runs --size "$SIZE" $CUDA --n_cpu 8 --steps "$STEPS" --repeats 1
 
 {
