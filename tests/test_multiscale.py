@@ -59,7 +59,8 @@ def test_load_size_sets_the_side_before_the_crop(data):
     assert ImageDataset(data, 48, load_size=96)[(0, 1)]["A"].shape == (3, 48, 48)
 
 
-@pytest.mark.parametrize("scales, size", [(2, "48"), (3, "96")])
+# K=3 here and K=2 under torchrun and --amp below: the code is the same for any K >= 2, and the suite has 10 minutes.
+@pytest.mark.parametrize("scales, size", [(3, "96")])
 def test_more_scales_train_and_resume_bit_for_bit_after_sigkill(data, tmp_path, scales, size):
     run = ["--dataroot", str(data), *FAST, "--size", size, "--d_scales", str(scales), "--load_size", size,
            "--n_epochs", "2", "--decay_epoch", "1", "--save_freq", "2", "--display_freq", "1"]
@@ -72,10 +73,9 @@ def test_more_scales_train_and_resume_bit_for_bit_after_sigkill(data, tmp_path, 
     time.sleep(random.uniform(0, 1.0))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    r = run_script("train.py", "--resume", "--output_dir", out, "--d_scales", "1" if scales == 2 else "2")
-    if scales == 3:  # another K than the run's is refused, naming both
-        assert r.returncode != 0 and "--d_scales 3 (given 2)" in r.stderr and "architecture" in r.stderr
-        r = run_script("train.py", "--resume", "--output_dir", out)
+    r = run_script("train.py", "--resume", "--output_dir", out, "--d_scales", "2")
+    assert r.returncode != 0 and "--d_scales 3 (given 2)" in r.stderr and "architecture" in r.stderr  # another K
+    r = run_script("train.py", "--resume", "--output_dir", out)
     assert r.returncode == 0, r.stderr
     a, b = (torch.load(d / "checkpoint.pth", weights_only=True) for d in (out, tmp_path / "reference"))
     assert a["step"] == b["step"] == 8 and a["args"]["d_scales"] == scales
@@ -84,7 +84,7 @@ def test_more_scales_train_and_resume_bit_for_bit_after_sigkill(data, tmp_path, 
     assert len([k for k in a["D_A"] if k.endswith("model.0.weight")]) == scales
 
 
-@pytest.mark.parametrize("scales, size", [(2, "48"), (3, "96")])
+@pytest.mark.parametrize("scales, size", [(2, "48")])
 def test_more_scales_under_torchrun_and_with_amp(data, tmp_path, scales, size):
     flags = [*FAST, "--size", size, "--d_scales", str(scales), "--display_freq", "1"]
     r = torchrun(tmp_path, 2, "--dataroot", data, "--output_dir", tmp_path / "ddp", *flags)
