@@ -11,7 +11,7 @@ from datasets import test_images
 from figures import BEST, Background, best_row, kept_epoch
 from files import write_atomic, write_png
 from report import labelled_grid
-from runtime import BYTES_PER_PIXEL, free_memory
+from runtime import free_pixels
 from utils import UserError, first_line, tensor2image
 
 
@@ -51,7 +51,7 @@ class EpochEnd:
             from metrics import Tracker  # here: importing torch-fidelity takes a second, and only --eval_freq needs it
             try:
                 self.tracker = Tracker(self.out, args.dataroot, args.input_nc, args.output_nc, resumed_epoch, device,
-                                       args.fid_weights, int(0.8 * free_memory(device) / BYTES_PER_PIXEL))
+                                       args.fid_weights, free_pixels(device))
             except ValueError as e:
                 raise UserError(e) from None
         self.background = None if args.no_figures else Background()

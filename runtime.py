@@ -97,6 +97,12 @@ def free_memory(device):
         return 8 << 30  # not Linux: assume 8 GB
 
 
+
+def free_pixels(device):
+    """Padded pixels a translation may hold: 80% of the free memory, at BYTES_PER_PIXEL each."""
+    return int(0.8 * free_memory(device) / BYTES_PER_PIXEL)
+
+
 def adam(params, lr, device, lr_tensor):
     """The paper's Adam, fused into one kernel. lr_tensor: the lr is a tensor on the device that the schedule fills in
     place, so a captured CUDA graph reads every new value (and needs the step counts on the device: capturable)."""

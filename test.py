@@ -32,7 +32,7 @@ import figures
 from datasets import ImageFolder, domain_dir, fit_size, format_bad, list_images, load_image
 from files import shown, write_atomic, write_png
 from models import load_generator, padded_size, translate
-from runtime import BYTES_PER_PIXEL, free_memory, loader_workers, precision
+from runtime import BYTES_PER_PIXEL, free_pixels, loader_workers, precision
 from utils import cannot_write, channels_problem, first_line, to_uint8
 
 
@@ -148,7 +148,8 @@ class Masks:
                       f"{mask.size[0]}x{mask.size[1]} to {w}x{h})", file=sys.stderr)
             self.resized, mask = True, mask.resize((w, h), Image.BILINEAR)
         m = torch.from_numpy(np.array(mask))[None]  # (1, H, W) uint8
-        blend = (m.double() / 255 * fake.double() + (1 - m.double() / 255) * real.double()).round().to(torch.uint8)
+        weight = m.double() / 255  # exactly 0 and 1 at black and white: the blend is then real or fake exactly
+        blend = (weight * fake.double() + (1 - weight) * real.double()).round().to(torch.uint8)
         return [blend, m]
 
 
@@ -208,7 +209,7 @@ def main(args):
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(cannot_write(out, e)) from None
-    pixels = int(0.8 * free_memory(device) / BYTES_PER_PIXEL)  # what one batch may hold, padded
+    pixels = free_pixels(device)  # what one batch may hold, padded
     sections, skipped, written_A = [], [], {}
     try:  # the page and the summary are written whatever happens
         for src, files, nc, G, G_path, G_back in jobs:
