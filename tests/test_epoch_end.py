@@ -229,3 +229,23 @@ def test_the_best_files_follow_the_best_row_whatever_came_before(tmp_path, capsy
     assert "moved aside" in capsys.readouterr().err
     EpochEnd.stale_best(Stub(tmp_path, [(1, 30.0, 30.0), (2, 10.0, 10.0)]), 3)  # --keep_best turned on late
     assert "whose generators were not kept" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_sheet_is_a_bfloat16_preview_where_bfloat16_is_native(tmp_path, monkeypatch, native):
+    """At 8 steps an epoch the sheet's 24 generator passes cost a step: where bfloat16 is native (amp_dtype) it is
+    drawn in bfloat16, at half the time, whatever the run trains in; elsewhere in the run's own precision."""
+    import numpy as np
+    import epoch_end
+    seen = []
+    monkeypatch.setattr(epoch_end, "amp_dtype", lambda device: torch.bfloat16 if native else None)
+    monkeypatch.setattr(epoch_end, "sample_sheet", lambda *a: seen.append(a[-1]) or np.zeros((3, 8, 8), np.uint8))
+    end = SimpleNamespace(out=tmp_path, samples={"A": [torch.zeros(3, 8, 8)], "B": []}, sheet_shown=None)
+    run = SimpleNamespace(epoch=1, nets={"G_A2B": None, "G_B2A": None}, device=torch.device("cpu"),
+                          memory_format=torch.contiguous_format, autocast=torch.autocast("cpu", enabled=False))
+    epoch_end.EpochEnd.sheet(end, run)
+    assert (tmp_path / "samples" / "epoch_001.png").is_file()
+    if native:
+        assert isinstance(seen[0], torch.autocast) and seen[0].fast_dtype == torch.bfloat16 and seen[0]._enabled
+    else:
+        assert seen == [run.autocast]
