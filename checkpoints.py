@@ -90,7 +90,7 @@ RUN_FLAGS = {"epoch", "n_epochs", "decay_epoch", "dataroot", "save_freq", "deter
              "n_samples", "eval_freq", "keep_best", "no_figures"}
 
 
-ARCH_FLAGS = {"input_nc", "output_nc", "n_blocks", "d_scales"}
+ARCH_FLAGS = {"input_nc", "output_nc", "n_blocks", "d_scales", "attention"}
 
 
 def resume_path(args):

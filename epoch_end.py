@@ -10,6 +10,7 @@ from checkpoints import cpu_state, try_save
 from datasets import test_images
 from figures import BEST, Background, best_row, kept_epoch
 from files import write_atomic, write_png
+from models import attend
 from report import labelled_grid
 from runtime import amp_dtype, free_pixels
 from utils import UserError, first_line, tensor2image
@@ -20,18 +21,20 @@ from utils import UserError, first_line, tensor2image
 def sample_sheet(G_A2B, G_B2A, samples, device, memory_format, autocast):
     """The fixed test images through both generators, as one labelled (3, H, W) uint8 picture: a row per image
     (A1, A2, ..., B1, ...), columns real / translated / reconstructed, and identity (G_B2A(real_A) for an A image)
-    where both domains have the same number of channels. samples: {"A": [(C, s, s)], "B": [...]} in [-1, 1]."""
+    where both domains have the same number of channels, then attention generators' maps of the translation
+    (white: translated). samples: {"A": [(C, s, s)], "B": [...]} in [-1, 1]."""
     rows, labels = [], []
     for domain, G, G_back in (("A", G_A2B, G_B2A), ("B", G_B2A, G_A2B)):
         if not samples[domain]:
             continue
         real = torch.stack(samples[domain]).to(device, memory_format=memory_format)
         with autocast:
-            fake = G(real)
+            fake, attention = attend(G, real)
             results = [real, fake, G_back(fake)] + [G_back(real)] * (real.shape[1] == fake.shape[1])
+            results += [] if attention is None else [attention * 2 - 1]  # [0, 1] shown black to white
         rows += [[tensor2image(r[i]) for r in results] for i in range(len(real))]
         labels += [f"{domain}{i + 1}" for i in range(len(real))]
-    return labelled_grid(rows, labels, ["real", "translated", "reconstructed", "identity"][:len(rows[0])])
+    return labelled_grid(rows, labels, ["real", "translated", "reconstructed", "identity", "attention"][:len(rows[0])])
 
 
 class EpochEnd:
@@ -78,7 +81,7 @@ class EpochEnd:
         # A preview, not a result: in bfloat16 wherever it is native (half the time of float32 on such CPUs; at 8
         # steps an epoch the sheet's 24 generator passes cost as much as a step), else in the run's precision.
         dtype = amp_dtype(run.device)
-        autocast = torch.autocast(run.device.type, dtype) if dtype else run.autocast
+        autocast = torch.autocast(run.device.type, dtype, cache_enabled=False) if dtype else run.autocast
         self.sheet_shown = sample_sheet(run.nets["G_A2B"], run.nets["G_B2A"], self.samples, run.device,
                                         run.memory_format, autocast)
         try:

@@ -52,6 +52,33 @@ class Generator(nn.Module):
         return self.model(x)
 
 
+class AttentionGenerator(nn.Module):
+    """--attention (after Mejjati et al., 2018, and AttentionGAN): the paper's generator with one more output channel
+    from the same trunk, an attention map a = sigmoid(.) that says where to translate; the output is the content
+    tanh(.) blended with the input, a * content + (1 - a) * x, so where a = 0 the input passes unchanged. Same keys
+    as Generator; only the last convolution has nc + 1 filters, which is how load_generator recognises the file."""
+
+    def __init__(self, nc, n_residual_blocks=9):
+        super().__init__()
+        self.model = Generator(nc, nc + 1, n_residual_blocks).model[:-1]  # no Tanh: content and map get their own
+
+    def forward(self, x, attention=False):
+        y = self.model(x)
+        content, a = torch.tanh(y[:, :-1]), torch.sigmoid(y[:, -1:])  # (B, C, H, W) in [-1, 1], (B, 1, H, W) in [0, 1]
+        out = a * content + (1 - a) * x
+        return (out, a) if attention else out
+
+
+def generator(input_nc, output_nc, n_blocks=9, attention=False):
+    """The paper's ResNet generator, or with --attention its attention-guided form (input_nc == output_nc)."""
+    return AttentionGenerator(input_nc, n_blocks) if attention else Generator(input_nc, output_nc, n_blocks)
+
+
+def attend(G, x):
+    """(G(x), G's attention map of x) for an attention generator, (G(x), None) for the paper's."""
+    return G(x, attention=True) if isinstance(G, AttentionGenerator) else (G(x), None)
+
+
 class Discriminator(nn.Module):
     """70x70 PatchGAN: one real/fake score per overlapping patch, (B, 1, H/8 - 2, W/8 - 2)."""
 
@@ -130,14 +157,16 @@ def padded_size(h, w):
 
 
 @torch.inference_mode()
-def translate(G, x):
+def translate(G, x, attention=False):
     """G at any size: reflect-pad H and W up to a multiple of 4 (two stride-2 layers), at least 8 (the residual
-    blocks' reflection padding needs 2 px at 1/4 scale), then crop back."""
+    blocks' reflection padding needs 2 px at 1/4 scale), then crop back. attention=True: (G(x), its attention map
+    or None), as attend()."""
     h, w = x.shape[-2:]
     pad_h, pad_w = (p - s for p, s in zip(padded_size(h, w), (h, w)))
     mode = "reflect" if min(h, w) > max(pad_h, pad_w) else "replicate"  # reflect needs pad < size
-    y = G(F.pad(x, (0, pad_w, 0, pad_h), mode=mode))
-    return y[..., :h, :w]
+    y, a = attend(G, F.pad(x, (0, pad_w, 0, pad_h), mode=mode))
+    y, a = y[..., :h, :w], None if a is None else a[..., :h, :w]
+    return (y, a) if attention else y
 
 
 def weights_init_normal(m):
@@ -183,12 +212,16 @@ def load_generator(path, input_nc=3, output_nc=3):
                 f"{', '.join(f'{h}x{w}' for h, w in dict.fromkeys(kernels))}, not 7x7 then 3x3 then 7x7)")
         raise ValueError(f"{path} is {what}: this repository's generator is the paper's ResNet one (the authors' "
                          f"resnet_9blocks / resnet_6blocks), so it cannot load this file")
-    if (weights[0].shape[1], weights[-1].shape[0]) != (input_nc, output_nc):
+    # One filter more than the image has channels: the attention map of an AttentionGenerator (train.py --attention).
+    attention = not affine and input_nc == output_nc == weights[-1].shape[0] - 1
+    if (weights[0].shape[1], weights[-1].shape[0] - attention) != (input_nc, output_nc):
         raise ValueError(f"{path} is not a {input_nc}->{output_nc} channel generator: it translates {weights[0].shape[1]} "
                          f"to {weights[-1].shape[0]} channels; set the channel counts (--input_nc, --output_nc) to match")
     n_blocks = (n_convs - 6) // 2
+    build = partial(AttentionGenerator, input_nc, n_blocks) if attention else \
+        partial(Generator, input_nc, output_nc, n_blocks, affine)
     with torch.device("meta"):  # shapes only: a file that claims 1000 blocks costs nothing until its shapes fit
-        expected = Generator(input_nc, output_nc, n_blocks, affine).state_dict()
+        expected = build().state_dict()
     keys = {k.removeprefix("module."): k for k in state}  # our name -> the file's
     if keys.keys() != expected.keys():  # another implementation's names: take the file's tensors in order
         keys = dict(zip(expected, state))
@@ -197,7 +230,7 @@ def load_generator(path, input_nc=3, output_nc=3):
             raise ValueError(f"{path} is not a CycleGAN ResNet generator: its tensor {keys[name]} has shape "
                              f"{tuple(state[keys[name]].shape)} where a {n_blocks}-block generator has {name} of "
                              f"shape {tuple(want.shape)}")
-    netG = Generator(input_nc, output_nc, n_blocks, affine)
+    netG = build()
     netG.load_state_dict({name: state[key] for name, key in keys.items()})
     return netG
 
@@ -207,21 +240,23 @@ def load_generator(path, input_nc=3, output_nc=3):
 class GeneratorLoss(nn.Module):
     """Both generators' loss for a batch. The discriminators are inputs, frozen by the caller, not parameters."""
 
-    def __init__(self, G_A2B, G_B2A, lambda_cycle, lambda_identity):
+    def __init__(self, G_A2B, G_B2A, lambda_cycle, lambda_identity, lambda_tv=0.0):
         super().__init__()
         self.G_A2B, self.G_B2A = G_A2B, G_B2A
-        self.lambda_cycle, self.lambda_identity = lambda_cycle, lambda_identity
+        self.lambda_cycle, self.lambda_identity, self.lambda_tv = lambda_cycle, lambda_identity, lambda_tv
 
     def forward(self, real_A, real_B, D_A, D_B):
         identity = self.lambda_identity > 0
-        fake_B, idt_B = generate(self.G_A2B, real_A, real_B, identity)
-        fake_A, idt_A = generate(self.G_B2A, real_B, real_A, identity)
+        fake_B, idt_B, map_B = generate(self.G_A2B, real_A, real_B, identity)
+        fake_A, idt_A, map_A = generate(self.G_B2A, real_B, real_A, identity)
         rec_A, rec_B = self.G_B2A(fake_B), self.G_A2B(fake_A)
         loss_G_GAN = lsgan(D_B(fake_B), 1.0) + lsgan(D_A(fake_A), 1.0)
         loss_G_cycle = self.lambda_cycle * (F.l1_loss(rec_A, real_A) + F.l1_loss(rec_B, real_B))
         loss_G_identity = (self.lambda_cycle * self.lambda_identity * (F.l1_loss(idt_A, real_A) + F.l1_loss(idt_B, real_B))
                            if identity else real_A.new_zeros((), dtype=torch.float32))
         loss_G = loss_G_GAN + loss_G_cycle + loss_G_identity
+        if map_B is not None:  # --attention: smooth maps, part of loss_G (losses.csv keeps its columns)
+            loss_G = loss_G + self.lambda_tv * (total_variation(map_A) + total_variation(map_B))
         return (loss_G, loss_G_identity, loss_G_GAN, loss_G_cycle), (fake_A, fake_B, rec_A, rec_B)
 
 
@@ -239,10 +274,16 @@ class DiscriminatorLoss(nn.Module):
 
 
 def generate(G, x, y, identity):
-    """G(x), and G(y) for the identity loss, from one batched pass: InstanceNorm keeps the samples independent."""
-    if not identity:
-        return G(x), None
-    return G(torch.cat([x, y])).chunk(2)
+    """G(x), G(y) for the identity loss (or None), and G's attention map of x (None for the paper's generator), from
+    one batched pass: InstanceNorm keeps the samples independent."""
+    out, a = attend(G, torch.cat([x, y]) if identity else x)
+    a = None if a is None else a[:len(x)]
+    return (*out.chunk(2), a) if identity else (out, None, a)
+
+
+def total_variation(a):
+    """Mean absolute difference between neighbouring pixels of the (B, 1, H, W) maps: 0 for a constant map."""
+    return (a[..., 1:, :] - a[..., :-1, :]).abs().mean() + (a[..., 1:] - a[..., :-1]).abs().mean()
 
 
 def lsgan(pred, target):

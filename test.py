@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 import figures
 from datasets import ImageFolder, domain_dir, fit_size, format_bad, list_images, load_image
 from files import shown, write_atomic, write_png
-from models import load_generator, padded_size, translate
+from models import AttentionGenerator, load_generator, padded_size, translate
 from runtime import BYTES_PER_PIXEL, free_pixels, loader_workers, precision
 from utils import cannot_write, channels_problem, first_line, to_uint8
 
@@ -155,12 +155,13 @@ class Masks:
 
 @torch.inference_mode()
 def translate_batch(G, G_back, images, device, layout, autocast):
-    """images (B, C, H, W) from the loader -> [real, G(real)] and, with G_back, G_back(G(real)): uint8 on `device`
-    (8 bits before the copy back: a quarter of the bytes)."""
+    """images (B, C, H, W) from the loader -> [real, G(real)], then an attention generator's map (white: translated)
+    and, with G_back, G_back(G(real)): uint8 on `device` (8 bits before the copy back: a quarter of the bytes)."""
     real = images.to(device, memory_format=layout, non_blocking=True)
     with autocast:
-        fake = translate(G, real)
-        results = [real, fake] if G_back is None else [real, fake, translate(G_back, fake)]
+        fake, attention = translate(G, real, attention=True)
+        results = [real, fake] + ([] if attention is None else [attention * 2 - 1]) + \
+            ([] if G_back is None else [translate(G_back, fake)])
     return [to_uint8(r.float()) for r in results]
 
 
@@ -220,8 +221,10 @@ def main(args):
                 print(f"skipped {shown(path)}: {reason}", file=sys.stderr)
             loader = DataLoader(folder, batch_size=None, num_workers=loader_workers(args.n_cpu, len(folder)),
                                 pin_memory=device.type == "cuda")
-            # source copy, translation (masked), the mask, reconstruction
-            folders = [f"real_{src}", dst] + [f"mask_{src}"] * bool(masks) + [f"rec_{src}"] * (G_back is not None)
+            # source copy, translation (masked), the mask, the attention map, reconstruction
+            attention = isinstance(G, AttentionGenerator)
+            folders = [f"real_{src}", dst] + [f"mask_{src}"] * bool(masks) + [f"attention_{dst}"] * attention + \
+                [f"rec_{src}"] * (G_back is not None)
             for d in folders:
                 (out / d).mkdir(exist_ok=True)
             rows = []
@@ -243,11 +246,11 @@ def main(args):
                     if src == "A":
                         written_A[name] = source
             G_name, G_back_name = ("G_A2B", "G_B2A") if src == "A" else ("G_B2A", "G_A2B")
-            columns = [f"x ({src})", f"{G_name}(x)"] + ["mask"] * bool(masks) + \
-                [f"{G_back_name}({G_name}(x))"] * (G_back is not None)
+            columns = [f"x ({src})", f"{G_name}(x)"] + ["mask"] * bool(masks) + [f"{G_name}'s attention"] * attention \
+                + [f"{G_back_name}({G_name}(x))"] * (G_back is not None)
             sections.append((f"{src} → {dst}: {G_name} = {shown(G_path)}", columns, rows))
             print(f"wrote {len(rows)} {src}->{dst} translations to {out / dst}"
-                  + (f", reconstructions to {out / folders[2]}" if G_back is not None else ""))
+                  + (f", reconstructions to {out / folders[-1]}" if G_back is not None else ""))
     finally:
         write_index(out / "index.html", sections, skipped)
         link_training_page(out)

@@ -25,7 +25,7 @@ from checkpoints import (cpu_state, load_checkpoint, load_optimizer, lock_output
                          try_save)
 from datasets import ImageDataset, skipped_summary, train_loader
 from epoch_end import EpochEnd
-from models import (DiscriminatorLoss, Generator, GeneratorLoss, discriminator, max_scales, use_sliced_padding,
+from models import (DiscriminatorLoss, GeneratorLoss, discriminator, generator, max_scales, use_sliced_padding,
                     weights_init_normal)
 from report import run_logger
 from runtime import (CudaGraphStep, Stopper, adam, amp_dtype, rng_state, set_rng_state, setup_processes, stop_children,
@@ -60,6 +60,8 @@ def get_parser():
     p.add_argument("--output_dir", type=str, default="output", help="where checkpoints and losses.csv go")
     p.add_argument("--lambda_cycle", type=float, default=10.0, help="weight of the cycle loss, per direction")
     p.add_argument("--lambda_identity", type=float, default=0.5, help="identity loss weight, as a fraction of lambda_cycle")
+    p.add_argument("--attention", action="store_true", help="generators that also output where to translate (a map)")
+    p.add_argument("--lambda_tv", type=float, default=1.0, help="--attention: weight of the maps' total variation")
     p.add_argument("--pool_size", type=int, default=50, help="fakes kept in each discriminator's replay buffer (0: none)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed and saved)")
     p.add_argument("--amp", action="store_true",
@@ -96,7 +98,7 @@ def check_args(args, resuming=False):
     if not 24 <= args.size <= MAX_SIZE or args.size % 4:
         raise UserError(f"--size {args.size}: the generator needs a multiple of 4, the discriminator at least 24, "
                         f"and memory grows with its square: at most {MAX_SIZE} (the paper trains at 256)")
-    for flag in ("lr", "lambda_cycle", "lambda_identity"):
+    for flag in ("lr", "lambda_cycle", "lambda_identity", "lambda_tv"):
         value = getattr(args, flag)
         if not math.isfinite(value) or value < 0 or (flag == "lr" and value == 0):
             raise UserError(f"--{flag} {value}: must be a finite number " + ("above 0 (the paper's is 0.0002)"
@@ -189,8 +191,8 @@ def build(args, device, rank=0, epoch_size=1):
 
     Off the CPU (CUDA, or the meta device of tests/test_devices.py) the networks are channels_last (cuDNN's native
     layout) and each optimizer's lr is a tensor on the device: eager and captured steps compute the same numbers."""
-    nets = {"G_A2B": Generator(args.input_nc, args.output_nc, args.n_blocks),
-            "G_B2A": Generator(args.output_nc, args.input_nc, args.n_blocks),
+    nets = {"G_A2B": generator(args.input_nc, args.output_nc, args.n_blocks, args.attention),
+            "G_B2A": generator(args.output_nc, args.input_nc, args.n_blocks, args.attention),
             "D_A": discriminator(args.input_nc, args.d_scales), "D_B": discriminator(args.output_nc, args.d_scales)}
     accelerator = device.type != "cpu"
     memory_format = torch.channels_last if accelerator else torch.contiguous_format
@@ -279,10 +281,10 @@ def save_checkpoint(run, args, world):
 
 
 def make_step(run, args, ddp=False):
-    """train_step bound to the run: its losses (each wrapped in DDP under torchrun), optimizers, precision, buffers;
-    a function of (real_A, real_B, choices_A, choices_B)."""
+    """train_step bound to the run (losses in DDP under torchrun): a function of (real_A, real_B, choices_A, choices_B)."""
     G_A2B, G_B2A, D_A, D_B = run.nets.values()
-    g_loss, d_loss = GeneratorLoss(G_A2B, G_B2A, args.lambda_cycle, args.lambda_identity), DiscriminatorLoss(D_A, D_B)
+    g_loss = GeneratorLoss(G_A2B, G_B2A, args.lambda_cycle, args.lambda_identity, args.lambda_tv)
+    d_loss = DiscriminatorLoss(D_A, D_B)
     if ddp:  # each wrapped forward computes a whole loss: no network runs twice inside one DDP forward-backward
         g_loss, d_loss = DDP(g_loss), DDP(d_loss)
     return functools.partial(train_step, g_loss, d_loss, (D_A, D_B), run.optimizer_G, run.optimizer_D, run.scaler,
@@ -338,8 +340,7 @@ def main(args):
 
 
 def open_output(args, is_main):
-    """OUTPUT_DIR made and locked by rank 0, and the checkpoint to resume from (None for a new run), its flags
-    merged into args; the flags then checked."""
+    """OUTPUT_DIR made and locked (rank 0); the checkpoint to resume from, or None, its flags merged into args."""
     out = Path(args.output_dir)
     lock = lock_output_dir(out) if is_main and out.is_dir() else None
     ckpt = load_checkpoint(args, get_parser(), CHECKPOINT_TYPES)
@@ -381,8 +382,7 @@ def steps_per_epoch(run, args, world_size):
 
 
 def train_epoch(run, args, world, loader, steps, logger, stopper):
-    """Train from the run's position to the end of its epoch, or to a stop; checkpoint at the end, at a stop and every
-    --save_freq steps. Returns (stopped, whether the last checkpoint was written)."""
+    """Train to the epoch's end or a stop, checkpointing there and every --save_freq steps; (stopped, last save ok)."""
     fast_step, eager_step = steps
     epoch, start, per_epoch = run.epoch, run.sample, steps_per_epoch(run, args, world.size)
     loader.sampler.set_epoch(epoch, start)

@@ -105,4 +105,6 @@ def channels_problem(args):
     for flag in ("input_nc", "output_nc"):
         if getattr(args, flag) not in (1, 3):
             return f"--{flag} {getattr(args, flag)}: images are read as gray (1) or RGB (3)"
+    if getattr(args, "attention", False) and args.input_nc != args.output_nc:
+        return "--attention blends each translation with its input, so it needs --input_nc == --output_nc"
     return None

@@ -1,0 +1,111 @@
+"""--attention (generators that say where they translate): the blend with the input, the file test.py recognises,
+the maps in the sheets, on disk and on both pages; an attention run resumes bit for bit after SIGKILL (with --amp,
+FID during training, figures) and runs under torchrun."""
+import contextlib
+import signal
+
+import pytest
+import torch
+from PIL import Image
+
+import models
+from conftest import FAST, make_dataset, run_script
+from test_ddp import torchrun
+from test_epoch_end import Links, assert_same_weights, train
+
+NETS = ("G_A2B", "G_B2A", "D_A", "D_B")
+
+
+def last_filters(state):
+    return [v for k, v in state.items() if k.endswith(".weight")][-1].shape[0]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data"), n_A=3, n_B=2, size=(28, 30))
+
+
+def test_the_map_blends_the_content_with_the_input():
+    G = models.AttentionGenerator(3, 1)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    last = G.model[-1]
+    with torch.no_grad():
+        last.bias[-1] = -100.0  # a = 0: the input passes unchanged
+        out, a = G(x, attention=True)
+        assert a.shape == (2, 1, 16, 16) and torch.allclose(out, x, atol=1e-6)
+        last.bias[-1] = 100.0  # a = 1: the content alone
+        assert torch.allclose(G(x), torch.tanh(G.model(x)[:, :3]), atol=1e-6)
+    assert models.total_variation(torch.ones(1, 1, 5, 5)) == 0
+    assert models.total_variation(torch.eye(4)[None, None]) > 0
+
+
+def test_test_py_loads_an_attention_generator_from_its_file_under_any_names(tmp_path):
+    G = models.AttentionGenerator(3, 2)
+    torch.save(G.state_dict(), tmp_path / "ours.pth")
+    torch.save({f"layer{i}": v for i, v in enumerate(G.state_dict().values())}, tmp_path / "renamed.pth")
+    x = torch.rand(1, 3, 21, 18) * 2 - 1
+    want, want_map = models.translate(G.eval(), x, attention=True)
+    for name in ("ours.pth", "renamed.pth"):
+        loaded = models.load_generator(tmp_path / name).eval()
+        got, got_map = models.translate(loaded, x, attention=True)
+        assert type(loaded) is models.AttentionGenerator and torch.equal(got, want) and torch.equal(got_map, want_map)
+    torch.save(models.Generator(3, 3, 2).state_dict(), tmp_path / "plain.pth")
+    plain = models.load_generator(tmp_path / "plain.pth")
+    assert type(plain) is models.Generator and models.translate(plain, x, attention=True)[1] is None
+    with pytest.raises(ValueError, match="not a 1->1 channel generator"):  # the map channel is not an image's
+        models.load_generator(tmp_path / "ours.pth", 1, 1)
+
+
+def test_the_sheet_shows_each_translations_map(monkeypatch):
+    import epoch_end
+    seen = {}
+    monkeypatch.setattr(epoch_end, "labelled_grid", lambda rows, labels, columns: seen.update(rows=rows, columns=columns))
+    G_A2B, G_B2A = models.AttentionGenerator(3, 1).eval(), models.AttentionGenerator(3, 1).eval()
+    samples = {"A": [torch.rand(3, 16, 16) * 2 - 1], "B": [torch.rand(3, 16, 16) * 2 - 1]}
+    epoch_end.sample_sheet(G_A2B, G_B2A, samples, torch.device("cpu"), torch.contiguous_format, contextlib.nullcontext())
+    assert seen["columns"] == ["real", "translated", "reconstructed", "identity", "attention"]
+    _, a = G_B2A(samples["B"][0][None], attention=True)
+    assert (seen["rows"][1][4] == epoch_end.tensor2image(a[0] * 2 - 1)).all()  # row B1: G_B2A's map, grey as RGB
+
+
+def test_attention_needs_as_many_channels_in_as_out():
+    train_py = __import__("importlib").import_module("train")
+    args = train_py.get_parser().parse_args(["--attention", "--input_nc", "1", "--lambda_identity", "0"])
+    with pytest.raises(train_py.UserError, match="^--attention blends each translation with its input"):
+        train_py.check_args(args)
+
+
+def test_an_attention_run_resumes_bit_for_bit_and_shows_its_maps(data, tmp_path):
+    """--amp, FID every epoch (the tests' tiny extractor), sheets and figures on; SIGKILL before the last sheet."""
+    flags = ["--attention", "--amp"]
+    ref, out = tmp_path / "reference", tmp_path / "run"
+    r = train(data, ref, *flags)
+    assert r.returncode == 0, r.stderr
+    assert train(data, out, *flags, kill_before="sheet").returncode == -signal.SIGKILL
+    r = train(data, out, "--resume")
+    assert r.returncode == 0, r.stderr
+    for name in NETS:
+        assert_same_weights(out / f"net{name}.pth", ref / f"net{name}.pth")
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["args"]["attention"] and last_filters(ckpt["G_A2B"]) == 4  # 3 colours and the map
+    sheet = "samples/epoch_002.png"
+    assert Image.open(out / sheet).tobytes() == Image.open(ref / sheet).tobytes()
+    t = run_script("test.py", "--dataroot", data, "--output_dir", out, "--n_cpu", "0")
+    assert t.returncode == 0, t.stderr
+    maps = sorted((out / "attention_B").iterdir())
+    assert len(maps) == 3 and all(Image.open(m).mode == "L" and Image.open(m).size == (28, 30) for m in maps)
+    assert len(list((out / "attention_A").iterdir())) == 2
+    index = Links()
+    index.feed((out / "index.html").read_text())
+    assert "attention_B/img%200%20RGB.png" in index.links and "G_A2B&#x27;s attention" in (out / "index.html").read_text()
+    page = Links()
+    page.feed((out / "training.html").read_text())
+    assert sheet in page.links and "index.html" in page.links
+
+
+def test_an_attention_run_under_torchrun(data, tmp_path):
+    r = torchrun(tmp_path, 2, "--dataroot", data, "--output_dir", tmp_path / "ddp", *FAST, "--attention",
+                 "--display_freq", "1")
+    assert r.returncode == 0, r.stderr
+    ckpt = torch.load(tmp_path / "ddp" / "checkpoint.pth", weights_only=True)
+    assert ckpt["world_size"] == 2 and last_filters(ckpt["G_B2A"]) == 4
