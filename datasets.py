@@ -343,8 +343,10 @@ def output_names(files, limit=200):
 
 # ---- demo data: procedural landscapes, the same scene rendered in summer and in winter ----
 
-def render_scene(rng, size, winter):
-    """One (size, size, 3) uint8 landscape: sky, a mountain ridge, ground and pine trees."""
+def render_scene(rng, size, winter, house=False):
+    """One (size, size, 3) uint8 landscape: sky, a mountain ridge, ground and pine trees. house=True: also a red
+    house on the ground, the same in both seasons (its numbers are the scene's last draws: the rest is unchanged),
+    and the picture comes with the house's mask, (size, size) uint8, 255 on the house."""
     s = 2 * size  # draw at 2x, downsample for anti-aliasing
     y, x = np.mgrid[0:s, 0:s] / s
     ridge = 0.35 + 0.12 * rng.random() + sum(rng.uniform(0.02, 0.07) * np.sin(2 * np.pi * (f * x + rng.random()))
@@ -367,23 +369,38 @@ def render_scene(rng, size, winter):
         img[tree] = (0.05, 0.25, 0.1)
         if winter:
             img[tree & (y < base - 0.6 * height)] = (0.9, 0.92, 0.95)
-    img = (np.clip(img, 0, 1) * 255).astype(np.uint8)
-    return np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
+
+    def shrink(a):  # (2 size, 2 size, ...) in [0, 1] to (size, size, ...) uint8
+        return np.asarray(Image.fromarray((np.clip(a, 0, 1) * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR))
+    if not house:
+        return shrink(img)
+    hx, base, w = rng.uniform(0.2, 0.8), rng.uniform(0.84, 0.96), rng.uniform(0.2, 0.3)  # centre, ground, width
+    walls = (np.abs(x - hx) < w / 2) & (y < base) & (y > base - 0.55 * w)
+    eaves = base - 0.55 * w  # the roof: a triangle 0.45 w high, a little wider than the walls
+    roof = (y <= eaves) & (y > eaves - 0.45 * w) & (np.abs(x - hx) < (w / 2 + 0.02) * (y - eaves + 0.45 * w) / (0.45 * w))
+    door = (np.abs(x - hx) < 0.1 * w) & (y < base) & (y > base - 0.3 * w)
+    img[walls], img[roof], img[door] = (0.72, 0.16, 0.12), (0.28, 0.22, 0.22), (0.3, 0.15, 0.08)
+    return shrink(img), shrink((walls | roof).astype(np.float64))
 
 
-def make_demo(root, size=40, n_train=300, n_test=20, seed=0):
-    """train/A summer, train/B winter (different scenes); test/A, test/B and test/truth_B, the winter twin of each test/A."""
+def make_demo(root, size=40, n_train=300, n_test=20, seed=0, objects=False):
+    """train/A summer, train/B winter (different scenes); test/A, test/B and test/truth_B, the winter twin of each
+    test/A. objects=True: a house in every scene, unchanged in winter, and test/mask_A/NAME.png for each test/A
+    scene, black on the house and white elsewhere (test.py --mask_dir: translate all but the house)."""
     root = Path(root)
     rng = np.random.default_rng(seed)
     jobs = [("train/A", False, n_train), ("train/B", True, n_train), ("test/A", False, n_test), ("test/B", True, n_test)]
-    for sub, winter, n in jobs:
+    for sub in ["test/truth_B"] + ["test/mask_A"] * objects + [sub for sub, _, _ in jobs]:
         (root / sub).mkdir(parents=True, exist_ok=True)
+    for sub, winter, n in jobs:
         for k in range(n):
             scene = rng.integers(2**32)
-            Image.fromarray(render_scene(np.random.default_rng(scene), size, winter)).save(root / sub / f"{k:04d}.png")
-            if sub == "test/A":  # same scene, other season: the ground truth for G_A2B
-                (root / "test/truth_B").mkdir(exist_ok=True)
-                Image.fromarray(render_scene(np.random.default_rng(scene), size, True)).save(root / "test/truth_B" / f"{k:04d}.png")
+            for folder, season in [(sub, winter)] + [("test/truth_B", True)] * (sub == "test/A"):  # the ground truth
+                picture = render_scene(np.random.default_rng(scene), size, season, objects)
+                picture, house = picture if objects else (picture, None)
+                Image.fromarray(picture).save(root / folder / f"{k:04d}.png")
+                if objects and folder == "test/A":
+                    Image.fromarray(255 - house).save(root / "test/mask_A" / f"{k:04d}.png")
     return root
 
 
@@ -396,6 +413,8 @@ def main(argv=None):
     demo.add_argument("--n_train", type=int, default=300, help="training images per domain")
     demo.add_argument("--n_test", type=int, default=20, help="test images per domain")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--objects", action="store_true", help="a house in every scene, the same in both seasons, "
+                                                             "and its masks in test/mask_A (README: --attention)")
     sub.add_parser("list", help="name the authors' data sets (with sizes) and pretrained generators")
     for command, root, what in (("download", "datasets", "data set"), ("pretrained", "pretrained", "generator")):
         p = sub.add_parser(command, help=f"download one of the authors' {what}s (resumes a cut download)")
@@ -405,7 +424,7 @@ def main(argv=None):
         p.add_argument("--retries", type=int, default=5, help="retries after a failed connection or a cut transfer")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        root = make_demo(args.root, args.size, args.n_train, args.n_test, args.seed)
+        root = make_demo(args.root, args.size, args.n_train, args.n_test, args.seed, args.objects)
         print(f"wrote {2 * args.n_train} training and {3 * args.n_test} test images to {root}")
     elif args.command == "list":
         print_list()

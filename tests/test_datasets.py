@@ -94,6 +94,20 @@ def test_demo_has_paired_ground_truth(tmp_path):
     assert winter.mean() > summer.mean() + 30  # snow is brighter than grass and a blue sky
 
 
+def test_demo_objects_are_the_same_in_both_seasons_and_leave_the_rest_of_each_scene_as_it_was(tmp_path):
+    plain = make_demo(tmp_path / "plain", size=24, n_train=1, n_test=3)
+    root = make_demo(tmp_path / "objects", size=24, n_train=1, n_test=3, objects=True)
+    for k in range(3):
+        name = f"{k:04d}.png"
+        summer, winter, before = (np.asarray(Image.open(r / "test" / d / name), dtype=int)
+                                  for r, d in ((root, "A"), (root, "truth_B"), (plain, "A")))
+        keep = np.asarray(Image.open(root / "test" / "mask_A" / name))  # black on the house: test.py --mask_dir keeps it
+        house, elsewhere = keep == 0, keep == 255
+        assert 4 < house.sum() < 0.25 * keep.size and house.sum() + elsewhere.sum() < keep.size  # soft edges between
+        assert (summer[house] == winter[house]).all() and (summer[house] != before[house]).any()
+        assert (summer[elsewhere] == before[elsewhere]).all()  # the same scene around it, drawn as without objects
+
+
 def test_ranks_take_equal_shares_that_cover_the_epoch_and_resume_on_another_world_size():
     full = list(EpochSampler(7, seed=3))  # one process, epoch 0
     for world_size in (2, 3):
