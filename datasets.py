@@ -18,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from downloads import DATASETS, download_dataset, download_pretrained, print_list
 from files import shown
 from runtime import ignore_signals, loader_workers
+from utils import as_image, to_tensor
 
 # An image file is decoded only if it has at most MAX_PIXELS pixels (PIL's decompression-bomb limit, 89.5 million:
 # 268 MB as RGB), and a training image only if resizing it for its crop makes at most MAX_RESIZED_PIXELS (an aspect
@@ -150,26 +151,7 @@ def new_bad_files(bad, seen):
 
 def load_image(path, nc=3):
     """Open any PIL mode as RGB (nc=3) or L (nc=1): EXIF rotation applied, alpha over white, 16-bit scaled."""
-    img = ImageOps.exif_transpose(Image.open(path))
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        if img.mode.startswith("I;16") or a.max() > 255:  # 16-bit (PNGs open as I;16 or I): scale, don't clip
-            a = a / 257
-        elif img.mode == "F" and a.max() <= 1:  # float in [0, 1]
-            a = a * 255
-        img = Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), "L")
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return img.convert("L" if nc == 1 else "RGB")
-
-
-def to_tensor(img):
-    """PIL image (RGB or L) -> (C, H, W) float tensor in [-1, 1]; the same numbers as torchvision's to_tensor * 2 - 1."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32).reshape(img.size[1], img.size[0], -1) / 255)
-    return x.permute(2, 0, 1).contiguous() * 2 - 1
+    return as_image(Image.open(path), nc)
 
 
 def resize_shorter_side(img, side):

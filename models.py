@@ -9,8 +9,10 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 from checkpoints import load_weights
+from utils import as_image, to_tensor, to_uint8
 
 
 class ResidualBlock(nn.Module):
@@ -167,6 +169,15 @@ def translate(G, x, attention=False):
     y, a = attend(G, F.pad(x, (0, pad_w, 0, pad_h), mode=mode))
     y, a = y[..., :h, :w], None if a is None else a[..., :h, :w]
     return (y, a) if attention else y
+
+
+def translate_image(G, image):
+    """A PIL image (any mode) translated by G, a generator from load_generator, to a PIL image of the same size: the
+    pixels test.py writes on the CPU (decoded as test.py decodes files, translated in float32 on G's device)."""
+    first = next(m for m in G.modules() if isinstance(m, nn.Conv2d))
+    x = to_tensor(as_image(image, first.in_channels))[None].to(first.weight.device)
+    y = to_uint8(translate(G.eval(), x)[0].float().cpu())  # (C, H, W) uint8
+    return Image.fromarray(y[0].numpy() if len(y) == 1 else y.permute(1, 2, 0).numpy())
 
 
 def weights_init_normal(m):

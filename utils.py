@@ -1,6 +1,8 @@
 """The seed's utilities, kept small: the replay buffer, the paper's LR decay, requires_grad, image conversion, and the
 one-line messages of mistakes a user can fix."""
+import numpy as np
 import torch
+from PIL import Image, ImageOps
 
 
 class ReplayBuffer:
@@ -78,6 +80,30 @@ def to_uint8(x):
     """Generator output in [-1, 1] -> uint8, rounded exactly as the seed: 0.5 * (x + 1) written by torchvision's
     save_image, which computes mul(255).add_(0.5).clamp_(0, 255) and truncates."""
     return (0.5 * (x + 1.0)).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+
+
+def as_image(img, nc=3):
+    """load_image's conversion of an opened PIL image, any mode, to RGB (nc=3) or L (nc=1)."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or a.max() > 255:  # 16-bit (PNGs open as I;16 or I): scale, don't clip
+            a = a / 257
+        elif img.mode == "F" and a.max() <= 1:  # float in [0, 1]
+            a = a * 255
+        img = Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return img.convert("L" if nc == 1 else "RGB")
+
+
+def to_tensor(img):
+    """PIL image (RGB or L) -> (C, H, W) float tensor in [-1, 1]; the same numbers as torchvision's to_tensor * 2 - 1."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32).reshape(img.size[1], img.size[0], -1) / 255)
+    return x.permute(2, 0, 1).contiguous() * 2 - 1
 
 
 def tensor2image(x):

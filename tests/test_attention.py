@@ -76,19 +76,19 @@ def test_attention_needs_as_many_channels_in_as_out():
 
 
 def test_an_attention_run_resumes_bit_for_bit_and_shows_its_maps(data, tmp_path):
-    """--amp, FID every epoch (the tests' tiny extractor), sheets and figures on; SIGKILL before the last sheet."""
-    flags = ["--attention", "--amp"]
+    """--amp, FID (the tests' tiny extractor), sheets and figures on; one epoch, SIGKILL before its sheet."""
+    flags = ["--attention", "--amp", "--n_epochs", "1", "--decay_epoch", "0"]
     ref, out = tmp_path / "reference", tmp_path / "run"
     r = train(data, ref, *flags)
     assert r.returncode == 0, r.stderr
     assert train(data, out, *flags, kill_before="sheet").returncode == -signal.SIGKILL
-    r = train(data, out, "--resume")
+    r = train(data, out, "--resume", *flags[2:])  # RUN's 2 epochs would be a longer run
     assert r.returncode == 0, r.stderr
     for name in NETS:
         assert_same_weights(out / f"net{name}.pth", ref / f"net{name}.pth")
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ckpt["args"]["attention"] and last_filters(ckpt["G_A2B"]) == 4  # 3 colours and the map
-    sheet = "samples/epoch_002.png"
+    sheet = "samples/epoch_001.png"
     assert Image.open(out / sheet).tobytes() == Image.open(ref / sheet).tobytes()
     t = run_script("test.py", "--dataroot", data, "--output_dir", out, "--n_cpu", "0")
     assert t.returncode == 0, t.stderr
@@ -103,9 +103,11 @@ def test_an_attention_run_resumes_bit_for_bit_and_shows_its_maps(data, tmp_path)
     assert sheet in page.links and "index.html" in page.links
 
 
-def test_an_attention_run_under_torchrun(data, tmp_path):
+def test_an_attention_run_with_two_discriminator_scales_under_torchrun(data, tmp_path):
+    """Both research options in one torchrun job (the suite has 10 minutes; each is also tested alone)."""
     r = torchrun(tmp_path, 2, "--dataroot", data, "--output_dir", tmp_path / "ddp", *FAST, "--attention",
-                 "--display_freq", "1")
+                 "--size", "48", "--d_scales", "2", "--display_freq", "1")
     assert r.returncode == 0, r.stderr
     ckpt = torch.load(tmp_path / "ddp" / "checkpoint.pth", weights_only=True)
     assert ckpt["world_size"] == 2 and last_filters(ckpt["G_B2A"]) == 4
+    assert len([k for k in ckpt["D_B"] if k.endswith("model.0.weight")]) == 2
