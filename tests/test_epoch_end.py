@@ -24,8 +24,8 @@ RUN = [*[f for f in QUICK if f != "--no_figures"], "--no_visdom", "--size", "24"
        "--decay_epoch", "1", "--save_freq", "2", "--display_freq", "1", "--eval_freq", "1", "--keep_best",
        "--n_samples", "2"]
 # Runs train.py with no network, and the tests' tiny extractor in place of Inception unless told "inception".
-# KILL_BEFORE=STEP: the process SIGKILLs itself when the last epoch's end is about to take that step of
-# EpochEnd.STEPS ("close": after the last step). argv: ROOT TESTS EXTRACTOR train-args...
+# KILL_BEFORE=STEP: the process SIGKILLs itself when the last epoch's end (KILL_EPOCH's, if set) is about to take
+# that step of EpochEnd.STEPS ("close": after the last step). argv: ROOT TESTS EXTRACTOR train-args...
 WRAPPER = r"""
 import os, runpy, signal, socket, sys
 root, tests, extractor = sys.argv[1:4]
@@ -39,7 +39,7 @@ step = os.environ.get("KILL_BEFORE")
 if step:
     original = getattr(epoch_end.EpochEnd, step)
     def killing(self, *run):
-        if not run or run[0].epoch == self.args.n_epochs:
+        if not run or run[0].epoch == int(os.environ.get("KILL_EPOCH", self.args.n_epochs)):
             os.kill(os.getpid(), signal.SIGKILL)
         return original(self, *run)
     setattr(epoch_end.EpochEnd, step, killing)
@@ -130,10 +130,7 @@ def test_a_kill_before_any_step_of_an_epoch_end_is_finished_by_the_resume(data, 
     out, weights = tmp_path / "run", tmp_path / "weights.pth"
     torch.save({"w": torch.zeros(1)}, weights)  # the tiny extractor ignores it; the run checks and names it
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()
-    first = subprocess.run([sys.executable, "-c", WRAPPER.replace("run[0].epoch == self.args.n_epochs", "run[0].epoch == 1"),
-                            str(ROOT), str(ROOT / "tests"), "tiny", "--dataroot", str(data), "--output_dir", str(out),
-                            *RUN, "--fid_weights", str(weights)], env={**os.environ, "KILL_BEFORE": "sheet",
-                                                                        "TORCH_HOME": str(tmp_path / "torch_home")})
+    first = train(data, out, "--fid_weights", weights, kill_before="sheet", env={"KILL_EPOCH": "1"})
     assert first.returncode == -signal.SIGKILL
     assert not (out / "samples" / "epoch_001.png").exists() and (out / "netG_A2B.pth").is_file()
     for step in ["generators", "sheet", "evaluation", "best", "figures", "close"]:
