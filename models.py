@@ -60,15 +60,29 @@ class AttentionGenerator(nn.Module):
     tanh(.) blended with the input, a * content + (1 - a) * x, so where a = 0 the input passes unchanged. Same keys
     as Generator; only the last convolution has nc + 1 filters, which is how load_generator recognises the file."""
 
+    # The map starts near 1 (sigmoid(3) = 0.95 for the initial outputs near 0): the paper's generator, which then
+    # learns where not to translate.
+    OFFSET = 3.0
+
     def __init__(self, nc, n_residual_blocks=9):
         super().__init__()
         self.model = Generator(nc, nc + 1, n_residual_blocks).model[:-1]  # no Tanh: content and map get their own
 
     def forward(self, x, attention=False):
-        y = self.model(x)
-        content, a = torch.tanh(y[:, :-1]), torch.sigmoid(y[:, -1:])  # (B, C, H, W) in [-1, 1], (B, 1, H, W) in [0, 1]
-        out = a * content + (1 - a) * x
+        out, _, a = self.blends(x)
         return (out, a) if attention else out
+
+    def blends(self, x):
+        """(a * content + (1 - a) * x, the same with a's gradient stopped, a): (B, C, H, W) twice, (B, 1, H, W).
+
+        Training takes the cycle loss on the second: with its gradient the maps fell to 0 everywhere within an epoch
+        on the demo (a generator that changes nothing makes the cycle loss 0, and sigmoid's gradient then vanishes).
+        The maps learn from the adversarial loss (translate what D can tell apart), the identity loss (keep what
+        already looks like the target domain) and the total variation."""
+        y = self.model(x)
+        content, a = torch.tanh(y[:, :-1]), torch.sigmoid(y[:, -1:] + self.OFFSET)
+        kept = a.detach()
+        return a * content + (1 - a) * x, kept * content + (1 - kept) * x, a
 
 
 def generator(input_nc, output_nc, n_blocks=9, attention=False):
@@ -258,9 +272,10 @@ class GeneratorLoss(nn.Module):
 
     def forward(self, real_A, real_B, D_A, D_B):
         identity = self.lambda_identity > 0
-        fake_B, idt_B, map_B = generate(self.G_A2B, real_A, real_B, identity)
-        fake_A, idt_A, map_A = generate(self.G_B2A, real_B, real_A, identity)
-        rec_A, rec_B = self.G_B2A(fake_B), self.G_A2B(fake_A)
+        # cyc_*: fake_* as the cycle loss sees it (for attention generators, the map's gradient stopped)
+        fake_B, cyc_B, idt_B, map_B = generate(self.G_A2B, real_A, real_B, identity)
+        fake_A, cyc_A, idt_A, map_A = generate(self.G_B2A, real_B, real_A, identity)
+        rec_A, rec_B = generate(self.G_B2A, cyc_B, None, False)[1], generate(self.G_A2B, cyc_A, None, False)[1]
         loss_G_GAN = lsgan(D_B(fake_B), 1.0) + lsgan(D_A(fake_A), 1.0)
         loss_G_cycle = self.lambda_cycle * (F.l1_loss(rec_A, real_A) + F.l1_loss(rec_B, real_B))
         loss_G_identity = (self.lambda_cycle * self.lambda_identity * (F.l1_loss(idt_A, real_A) + F.l1_loss(idt_B, real_B))
@@ -285,11 +300,15 @@ class DiscriminatorLoss(nn.Module):
 
 
 def generate(G, x, y, identity):
-    """G(x), G(y) for the identity loss (or None), and G's attention map of x (None for the paper's generator), from
-    one batched pass: InstanceNorm keeps the samples independent."""
-    out, a = attend(G, torch.cat([x, y]) if identity else x)
+    """(G(x), G(x) for the cycle loss, G(y) for the identity loss or None, G's attention map of x or None), from one
+    batched pass: InstanceNorm keeps the samples independent. The paper's generator: the same G(x) twice; an
+    attention generator's second is blended with the map's gradient stopped (AttentionGenerator.blends)."""
+    both = torch.cat([x, y]) if identity else x
+    out, kept, a = G.blends(both) if isinstance(G, AttentionGenerator) else (G(both),) * 2 + (None,)
     a = None if a is None else a[:len(x)]
-    return (*out.chunk(2), a) if identity else (out, None, a)
+    fake, idt = out.chunk(2) if identity else (out, None)
+    cyc = kept[:len(x)]
+    return fake, cyc, idt, a
 
 
 def total_variation(a):
