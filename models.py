@@ -75,10 +75,11 @@ class AttentionGenerator(nn.Module):
     def blends(self, x):
         """(a * content + (1 - a) * x, the same with a's gradient stopped, a): (B, C, H, W) twice, (B, 1, H, W).
 
-        Training takes the cycle loss on the second: with its gradient the maps fell to 0 everywhere within an epoch
-        on the demo (a generator that changes nothing makes the cycle loss 0, and sigmoid's gradient then vanishes).
-        The maps learn from the adversarial loss (translate what D can tell apart), the identity loss (keep what
-        already looks like the target domain) and the total variation."""
+        Training takes the cycle and identity losses on the second, so the maps learn from the adversarial loss and
+        the total variation only: with the cycle loss's gradient they fell to 0 everywhere within an epoch on the
+        demo (a generator that changes nothing makes the cycle loss 0, and sigmoid's gradient then vanishes); with
+        the identity loss's, they became a domain detector (0 on the target domain) and the content never learned
+        (README: Choosing what is translated)."""
         y = self.model(x)
         content, a = torch.tanh(y[:, :-1]), torch.sigmoid(y[:, -1:] + self.OFFSET)
         kept = a.detach()
@@ -272,7 +273,7 @@ class GeneratorLoss(nn.Module):
 
     def forward(self, real_A, real_B, D_A, D_B):
         identity = self.lambda_identity > 0
-        # cyc_*: fake_* as the cycle loss sees it (for attention generators, the map's gradient stopped)
+        # cyc_*, idt_*: as the cycle and identity losses see them (attention generators: the map's gradient stopped)
         fake_B, cyc_B, idt_B, map_B = generate(self.G_A2B, real_A, real_B, identity)
         fake_A, cyc_A, idt_A, map_A = generate(self.G_B2A, real_B, real_A, identity)
         rec_A, rec_B = generate(self.G_B2A, cyc_B, None, False)[1], generate(self.G_A2B, cyc_A, None, False)[1]
@@ -302,12 +303,12 @@ class DiscriminatorLoss(nn.Module):
 def generate(G, x, y, identity):
     """(G(x), G(x) for the cycle loss, G(y) for the identity loss or None, G's attention map of x or None), from one
     batched pass: InstanceNorm keeps the samples independent. The paper's generator: the same G(x) twice; an
-    attention generator's second is blended with the map's gradient stopped (AttentionGenerator.blends)."""
+    attention generator's second and third are blended with the map's gradient stopped (AttentionGenerator.blends)."""
     both = torch.cat([x, y]) if identity else x
     out, kept, a = G.blends(both) if isinstance(G, AttentionGenerator) else (G(both),) * 2 + (None,)
     a = None if a is None else a[:len(x)]
-    fake, idt = out.chunk(2) if identity else (out, None)
-    cyc = kept[:len(x)]
+    fake = out[:len(x)]
+    cyc, idt = kept.chunk(2) if identity else (kept, None)
     return fake, cyc, idt, a
 
 

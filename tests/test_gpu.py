@@ -162,10 +162,11 @@ def test_test_script_on_the_gpu_matches_the_cpu_within_bfloat16_rounding_on_the_
         assert diff.mean() <= mean and np.percentile(diff, 99) <= p99, (folder, diff.mean(), diff.max())
 
 
-def test_amp_training_runs_end_to_end_on_the_gpu(odd_data, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--attention"]], ids=["paper", "attention"])
+def test_amp_training_runs_end_to_end_on_the_gpu(odd_data, tmp_path, extra):
     out = tmp_path / "amp"
     r = run_script("train.py", "--dataroot", odd_data, "--output_dir", out, *QUICK, "--no_visdom", "--cuda", "--amp",
-                   "--display_freq", "2")
+                   "--display_freq", "2", *extra)
     assert r.returncode == 0, r.stderr
     assert "capture failed" not in r.stderr and "eagerly" not in r.stdout  # bf16 on this GPU: captured, not scaled
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
