@@ -39,6 +39,20 @@ def test_the_map_blends_the_content_with_the_input():
     assert models.total_variation(torch.eye(4)[None, None]) > 0
 
 
+def test_the_maps_learn_from_the_adversarial_loss_and_not_from_cycle_or_identity():
+    """A generator that changes nothing makes the cycle and identity losses 0: with their gradient the maps fell to 0
+    on the demo. Here only the GAN term (and the TV term) reaches the map's filter; the content's get all terms."""
+    torch.manual_seed(0)
+    G_A2B, G_B2A = models.AttentionGenerator(3, 1), models.AttentionGenerator(3, 1)
+    loss = models.GeneratorLoss(G_A2B, G_B2A, 10.0, 0.5, lambda_tv=1.0)
+    (_, loss_identity, loss_gan, loss_cycle), _ = loss(torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1,
+                                                       models.Discriminator(3), models.Discriminator(3))
+    last = G_A2B.model[-1].weight  # (4, 64, 7, 7): 3 content filters, then the map's
+    for term, map_gets_it in ((loss_gan, True), (loss_cycle, False), (loss_identity, False)):
+        grad = torch.autograd.grad(term, last, retain_graph=True)[0]
+        assert (grad[3].abs().sum() > 0) == map_gets_it and grad[:3].abs().sum() > 0
+
+
 def test_test_py_loads_an_attention_generator_from_its_file_under_any_names(tmp_path):
     G = models.AttentionGenerator(3, 2)
     torch.save(G.state_dict(), tmp_path / "ours.pth")
