@@ -1,7 +1,7 @@
 """Ablation (not a test): the paper's generator against --attention, and test.py --mask_dir, on demo scenes that
 carry a house which is the same in summer and winter (`python datasets.py demo --objects`).
 
-    python tests/ablation_attention.py                       # the quick start's run, seeds 1, 2 and 3: ~40 min, 2 cores
+    python tests/ablation_attention.py                       # the quick start's run, seeds 1, 2 and 3: ~30 min, 2 cores
     python tests/ablation_attention.py --fid_weights W.pth   # with FID and KID (a local Inception weights file)
 
 Each (generator, seed) trains train.py from scratch with the quick start's flags, then translates test/A with
@@ -94,7 +94,7 @@ def table(args, rows):
     """The markdown table: one line per generator, each cell the seeds' values in order."""
     def cell(rs, get, fmt):
         values = [get(r) for r in rs]
-        return "n/a" if any(v is None for v in values) else " / ".join(format(v, fmt) for v in values)
+        return "not measured" if any(v is None for v in values) else " / ".join(format(v, fmt) for v in values)
 
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "CPU")
     lines = [f"demo scenes with a house, {args.n_train} train and {args.n_test} test per domain; the quick start's "
@@ -107,8 +107,9 @@ def table(args, rows):
         if not rs:
             continue
         for how in ("whole", "masked"):
-            att = cell(rs, lambda r: r["attention"] and r["attention"][0], ".2f") + " / " + \
-                cell(rs, lambda r: r["attention"] and r["attention"][1], ".2f") if name == "attention" else "n/a"
+            att = cell(rs, lambda r: r["attention"] and r["attention"][0], ".3f") + " (house); " + \
+                cell(rs, lambda r: r["attention"] and r["attention"][1], ".3f") + " (outside)" \
+                if name == "attention" else "n/a"
             lines.append(f"| {name} | {'--mask_dir' if how == 'masked' else 'whole'} | "
                          + " | ".join(cell(rs, lambda r, k=k: r[how][k], ".2f") for k in range(3))
                          + f" | {att if how == 'whole' else ''} | "
