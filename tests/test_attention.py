@@ -119,10 +119,10 @@ def test_an_attention_run_resumes_bit_for_bit_and_shows_its_maps(data, tmp_path)
     assert sheet in page.links and "index.html" in page.links
 
 
-def test_an_attention_run_with_two_discriminator_scales_under_torchrun(data, tmp_path):
-    """Both research options in one torchrun job (the suite has 10 minutes; each is also tested alone)."""
+def test_an_attention_run_with_two_discriminator_scales_under_torchrun_with_amp(data, tmp_path):
+    """Both research options and --amp in one torchrun job (the suite has 10 minutes; each is also tested alone)."""
     r = torchrun(tmp_path, 2, "--dataroot", data, "--output_dir", tmp_path / "ddp", *FAST, "--attention",
-                 "--size", "48", "--d_scales", "2", "--display_freq", "1")
+                 "--size", "48", "--d_scales", "2", "--display_freq", "1", "--amp")
     assert r.returncode == 0, r.stderr
     ckpt = torch.load(tmp_path / "ddp" / "checkpoint.pth", weights_only=True)
     assert ckpt["world_size"] == 2 and last_filters(ckpt["G_B2A"]) == 4

@@ -122,8 +122,8 @@ def reference_data(out):
 
 
 def test_a_kill_before_any_step_of_an_epoch_end_is_finished_by_the_resume(data, reference, tmp_path):
-    """SIGKILL before each step of the last epoch's end in turn (each resume finishes the steps before it, then is
-    killed), after one kill inside the first epoch's end; the last resume, which finds every epoch done, ends with
+    """SIGKILL before the sheet, evaluation and best steps of the last epoch's end and after the last step, in turn
+    (each resume finishes the steps before it, then is killed), after one kill inside the first epoch's end; the last resume, which finds every epoch done, ends with
     the files of the uninterrupted run: generators, sheets, metrics rows once each, best files of the best row, the
     same curves. All of it offline, with --fid_weights, which the printed resume command carries."""
     ref, _ = reference
@@ -133,7 +133,7 @@ def test_a_kill_before_any_step_of_an_epoch_end_is_finished_by_the_resume(data, 
     first = train(data, out, "--fid_weights", weights, kill_before="sheet", env={"KILL_EPOCH": "1"})
     assert first.returncode == -signal.SIGKILL
     assert not (out / "samples" / "epoch_001.png").exists() and (out / "netG_A2B.pth").is_file()
-    for step in ["generators", "sheet", "evaluation", "best", "figures", "close"]:
+    for step in ["sheet", "evaluation", "best", "close"]:  # generators and figures: rewritten whole, like the rest
         r = train(data, out, "--resume", "--fid_weights", weights, kill_before=step)
         assert r.returncode == -signal.SIGKILL, (step, r.stderr)
     r = train(data, out, "--resume", "--fid_weights", weights)
