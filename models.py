@@ -69,21 +69,14 @@ class AttentionGenerator(nn.Module):
         self.model = Generator(nc, nc + 1, n_residual_blocks).model[:-1]  # no Tanh: content and map get their own
 
     def forward(self, x, attention=False):
-        out, _, a = self.blends(x)
+        content, a = self.parts(x)
+        out = a * content + (1 - a) * x
         return (out, a) if attention else out
 
-    def blends(self, x):
-        """(a * content + (1 - a) * x, the same with a's gradient stopped, a): (B, C, H, W) twice, (B, 1, H, W).
-
-        Training takes the cycle and identity losses on the second, so the maps learn from the adversarial loss and
-        the total variation only: with the cycle loss's gradient they fell to 0 everywhere within an epoch on the
-        demo (a generator that changes nothing makes the cycle loss 0, and sigmoid's gradient then vanishes); with
-        the identity loss's, they became a domain detector (0 on the target domain) and the content never learned
-        (README: Choosing what is translated)."""
+    def parts(self, x):
+        """(content, a): (B, C, H, W) in [-1, 1] and (B, 1, H, W) in [0, 1], before the blend."""
         y = self.model(x)
-        content, a = torch.tanh(y[:, :-1]), torch.sigmoid(y[:, -1:] + self.OFFSET)
-        kept = a.detach()
-        return a * content + (1 - a) * x, kept * content + (1 - kept) * x, a
+        return torch.tanh(y[:, :-1]), torch.sigmoid(y[:, -1:] + self.OFFSET)
 
 
 def generator(input_nc, output_nc, n_blocks=9, attention=False):
@@ -276,7 +269,7 @@ class GeneratorLoss(nn.Module):
         # cyc_*, idt_*: as the cycle and identity losses see them (attention generators: the map's gradient stopped)
         fake_B, cyc_B, idt_B, map_B = generate(self.G_A2B, real_A, real_B, identity)
         fake_A, cyc_A, idt_A, map_A = generate(self.G_B2A, real_B, real_A, identity)
-        rec_A, rec_B = generate(self.G_B2A, cyc_B, None, False)[1], generate(self.G_A2B, cyc_A, None, False)[1]
+        rec_A, rec_B = for_cycle(self.G_B2A, cyc_B), for_cycle(self.G_A2B, cyc_A)
         loss_G_GAN = lsgan(D_B(fake_B), 1.0) + lsgan(D_A(fake_A), 1.0)
         loss_G_cycle = self.lambda_cycle * (F.l1_loss(rec_A, real_A) + F.l1_loss(rec_B, real_B))
         loss_G_identity = (self.lambda_cycle * self.lambda_identity * (F.l1_loss(idt_A, real_A) + F.l1_loss(idt_B, real_B))
@@ -303,13 +296,31 @@ class DiscriminatorLoss(nn.Module):
 def generate(G, x, y, identity):
     """(G(x), G(x) for the cycle loss, G(y) for the identity loss or None, G's attention map of x or None), from one
     batched pass: InstanceNorm keeps the samples independent. The paper's generator: the same G(x) twice; an
-    attention generator's second and third are blended with the map's gradient stopped (AttentionGenerator.blends)."""
-    both = torch.cat([x, y]) if identity else x
-    out, kept, a = G.blends(both) if isinstance(G, AttentionGenerator) else (G(both),) * 2 + (None,)
-    a = None if a is None else a[:len(x)]
-    fake = out[:len(x)]
+    attention generator's second and third are blended with the map's gradient stopped (see stopped_blend)."""
+    both, n = torch.cat([x, y]) if identity else x, len(x)
+    if isinstance(G, AttentionGenerator):
+        content, a = G.parts(both)
+        fake, kept, a = a[:n] * content[:n] + (1 - a[:n]) * x, stopped_blend(content, a, both), a[:n]
+    else:
+        kept, a = G(both), None
+        fake = kept[:n]
     cyc, idt = kept.chunk(2) if identity else (kept, None)
     return fake, cyc, idt, a
+
+
+def stopped_blend(content, a, x):
+    """An attention generator's output with the map's gradient stopped: what the cycle and identity losses see, so
+    that the maps learn from the adversarial loss and the total variation only. With the cycle loss's gradient they
+    fell to 0 everywhere within an epoch on the demo (a generator that changes nothing makes the cycle loss 0, and
+    sigmoid's gradient then vanishes); with the identity loss's, they became a domain detector (0 on the target
+    domain) and the content never learned (README: Choosing what is translated)."""
+    kept = a.detach()
+    return kept * content + (1 - kept) * x
+
+
+def for_cycle(G, x):
+    """G(x) as the cycle loss sees it (an attention generator's map gradient stopped)."""
+    return stopped_blend(*G.parts(x), x) if isinstance(G, AttentionGenerator) else G(x)
 
 
 def total_variation(a):

@@ -97,7 +97,6 @@ def free_memory(device):
         return 8 << 30  # not Linux: assume 8 GB
 
 
-
 def free_pixels(device):
     """Padded pixels a translation may hold: 80% of the free memory, at BYTES_PER_PIXEL each."""
     return int(0.8 * free_memory(device) / BYTES_PER_PIXEL)
