@@ -9,6 +9,7 @@ the training thread only starts a process, and a figure that cannot be drawn cos
 Exit codes: 0 drawn, 1 an error of the caller (no such folder, no losses.csv), 2 the figures could not be drawn.
 """
 import argparse
+import gc
 import hashlib
 import html
 import json
@@ -341,19 +342,23 @@ class Background:
 
     def close(self, timeout=60):
         """The last redraw, waited for within `timeout` seconds: a running one that a pending one would replace is
-        stopped (it writes every file atomically), so the caller waits for one redraw at most. One still running at
-        the timeout is left to finish on its own."""
+        stopped (it writes every file atomically), so the caller waits for one redraw at most; one that draws the
+        curves as they are is waited for, and the page drawn after it (its plots are not drawn again). One still
+        running at the timeout is left to finish on its own."""
         (output_dir, decay_epoch), self.pending = self.pending or (None, None), None
-        if output_dir is not None and (decay_epoch, run_files(output_dir)) != self.drawn:
-            if self.proc is not None and self.proc.poll() is None:
+        if output_dir is not None and (inputs := (decay_epoch, run_files(output_dir))) != self.drawn:
+            if self.proc is not None and self.proc.poll() is None and curve_inputs(inputs) != curve_inputs(self.drawn):
                 os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: the whole redraw
-                self.proc.wait()
-            self._start(output_dir, decay_epoch)
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
+            if self._wait(timeout):
+                self._start(output_dir, decay_epoch)
+        self._wait(timeout)
+
+    def _wait(self, timeout):
+        """Whether no redraw runs, after waiting up to `timeout` seconds for one."""
+        try:
+            return self.proc is None or self.proc.wait(timeout) is not None
+        except subprocess.TimeoutExpired:
+            return False
 
     def _start(self, output_dir, decay_epoch):
         """Start the redraw of output_dir, unless its files are as the last redraw found them; a process that
@@ -373,6 +378,11 @@ class Background:
         except OSError as e:  # no interpreter to run (a removed environment): one line, the training goes on
             self.proc = None
             print(f"warning: figures not drawn ({e})", file=sys.stderr)
+
+
+def curve_inputs(inputs):
+    """Of Background's (decay_epoch, run_files): what plots/ is drawn from (the page also shows the rest)."""
+    return inputs and (inputs[0], [f for f in inputs[1] if f[0] in ("losses.csv", "metrics.csv")])
 
 
 def run_files(output_dir):
@@ -419,4 +429,6 @@ def main(args):
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_parser().parse_args()))
+    code = main(get_parser().parse_args())
+    gc.freeze()  # no last collection over matplotlib's objects at exit: a tenth of a second of each redraw
+    sys.exit(code)

@@ -28,7 +28,7 @@ from epoch_end import EpochEnd
 from models import (DiscriminatorLoss, GeneratorLoss, discriminator, generator, max_scales, use_sliced_padding,
                     weights_init_normal)
 from report import run_logger
-from runtime import (CudaGraphStep, Stopper, adam, amp_dtype, rng_state, set_rng_state, setup_processes, stop_children,
+from runtime import (CudaGraphStep, Stopper, adam, amp_dtype, before_exit, rng_state, set_rng_state, setup_processes,
                      to_device)
 from utils import ReplayBuffer, UserError, cannot_write, channels_problem, first_line, linear_decay, set_requires_grad
 
@@ -327,7 +327,7 @@ def main(args):
     # ---- The epochs: each ends with a checkpoint, then (rank 0) generators, samples, FID/KID, figures ----
     stopped, saved = False, True
     for _ in range(run.epoch, args.n_epochs):
-        stopped, saved = train_epoch(run, args, world, loader, (fast_step, eager_step), logger, stopper)
+        stopped, saved = train_epoch(run, args, world, loader, (fast_step, eager_step), logger, stopper, epoch_end)
         if stopped:
             break
         if world.is_main:
@@ -355,8 +355,7 @@ def open_output(args, is_main):
 def open_dataset(args, log):
     """The training split; files that cannot be images are left out, and named."""
     try:
-        dataset = ImageDataset(args.dataroot, args.size, args.input_nc, args.output_nc, seed=args.seed,
-                               load_size=args.load_size)
+        dataset = ImageDataset(args.dataroot, args.size, args.input_nc, args.output_nc, seed=args.seed, load_size=args.load_size)
     except ValueError as e:
         raise UserError(e) from None
     if dataset.skipped:
@@ -381,7 +380,7 @@ def steps_per_epoch(run, args, world_size):
     return math.ceil(math.ceil(run.epoch_size / world_size) / args.batchSize)
 
 
-def train_epoch(run, args, world, loader, steps, logger, stopper):
+def train_epoch(run, args, world, loader, steps, logger, stopper, epoch_end=None):
     """Train to the epoch's end or a stop, checkpointing there and every --save_freq steps; (stopped, last save ok)."""
     fast_step, eager_step = steps
     epoch, start, per_epoch = run.epoch, run.sample, steps_per_epoch(run, args, world.size)
@@ -395,14 +394,13 @@ def train_epoch(run, args, world, loader, steps, logger, stopper):
         step = fast_step if len(real_A) == args.batchSize else eager_step
         losses, (fake_A, fake_B, rec_A, rec_B) = step(real_A, real_B, choices_A, choices_B)
         logger.step(losses)
-        epoch_end = i == n_steps
+        at_end = i == n_steps
         run.step += 1
-        run.epoch, run.sample = (epoch + 1, 0) if epoch_end else (epoch, start + i * args.batchSize * world.size)
+        run.epoch, run.sample = (epoch + 1, 0) if at_end else (epoch, start + i * args.batchSize * world.size)
         stopped = stopper()
-        save_now = epoch_end or stopped or (args.save_freq and run.step % args.save_freq == 0)
+        save_now = at_end or stopped or (args.save_freq and run.step % args.save_freq == 0)
         if run.step % args.display_freq == 0 or save_now:
-            images = {"real_A": real_A[0], "fake_B": fake_B[0], "rec_A": rec_A[0],
-                      "real_B": real_B[0], "fake_A": fake_A[0], "rec_B": rec_B[0]}
+            images = dict(real_A=real_A[0], fake_B=fake_B[0], rec_A=rec_A[0], real_B=real_B[0], fake_A=fake_A[0], rec_B=rec_B[0])
             try:  # checks every loss is finite, before anything is saved
                 logger.flush(run.step, run.epoch + run.sample / run.epoch_size,
                              args.lr * run.lr_lambda(run.lr_scheduler_G.last_epoch), images)
@@ -411,10 +409,12 @@ def train_epoch(run, args, world, loader, steps, logger, stopper):
                 ckpt = Path(args.output_dir) / "checkpoint.pth"
                 kept = f"{ckpt} holds the last good state" if ckpt.exists() else "no checkpoint had been written yet"
                 raise UserError(f"{e}; stopped without saving: {kept} (try a lower --lr, or drop --amp)") from None
-        if epoch_end:
+        if at_end:
             run.lr_scheduler_G.step()
             run.lr_scheduler_D.step()
         if save_now:
+            if epoch_end and (stopped or run.epoch == args.n_epochs):  # the run's last: redrawn on the core that
+                epoch_end.figures(run)  # the checkpoint's write leaves idle, not after the sheet (close() waits)
             run.seconds = logger.seconds()
             saved = save_checkpoint(run, args, world)
         if stopped:
@@ -446,5 +446,5 @@ if __name__ == "__main__":
     except torch.cuda.OutOfMemoryError:
         code = "error: out of GPU memory: use a smaller --batchSize or --size (or --amp)"
     finally:
-        stop_children()
+        before_exit()
     sys.exit(code)

@@ -43,6 +43,16 @@ if step:
             os.kill(os.getpid(), signal.SIGKILL)
         return original(self, *run)
     setattr(epoch_end.EpochEnd, step, killing)
+if os.environ.get("EVENTS"):  # the redraws asked for and the checkpoints written, in order, a line each
+    import checkpoints, figures
+    def logged(original, line):
+        def call(*args, **kwargs):
+            with open(os.environ["EVENTS"], "a") as f:
+                f.write(line(args) + "\n")
+            return original(*args, **kwargs)
+        return call
+    figures.Background.submit = logged(figures.Background.submit, lambda args: "redraw")
+    checkpoints.try_save = logged(checkpoints.try_save, lambda args: "save " + args[1].name)  # train.py's, not yet imported
 sys.argv = [root + "/train.py"] + sys.argv[4:]
 runpy.run_path(root + "/train.py", run_name="__main__")
 """
@@ -68,7 +78,7 @@ def data(tmp_path_factory):
 def reference(data, tmp_path_factory):
     """The uninterrupted run."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    r = train(data, out)
+    r = train(data, out, env={"EVENTS": str(out.parent / "events.txt")})
     assert r.returncode == 0, r.stderr
     return out, r
 
@@ -119,6 +129,16 @@ def test_every_epoch_leaves_metrics_samples_figures_and_a_page(reference):
 def reference_data(out):
     """The data root a run was trained on, from its checkpoint."""
     return torch.load(out / "checkpoint.pth", weights_only=True)["args"]["dataroot"]
+
+
+def test_the_runs_last_redraw_is_asked_for_before_its_last_checkpoint_is_written(reference):
+    """It then draws on the core that the checkpoint's write leaves idle, not after the sheet; closing waits for it
+    (tests/test_figures.py) and redraws the page, which shows the sheet."""
+    out, _ = reference
+    events = (out.parent / "events.txt").read_text().splitlines()
+    last = len(events) - 1 - events[::-1].index("save checkpoint.pth")
+    assert events[last - 1] == "redraw", events
+    assert "redraw" in events[last + 1:] and 'src="samples/epoch_002.png"' in (out / "training.html").read_text()
 
 
 def test_a_kill_before_any_step_of_an_epoch_end_is_finished_by_the_resume(data, reference, tmp_path):

@@ -228,6 +228,32 @@ def test_background_starts_nothing_when_the_run_files_are_unchanged(fake_script,
     assert len(fake_script.read_text().splitlines()) == 2
 
 
+def test_a_running_redraw_of_the_same_curves_is_waited_for_and_the_page_drawn_after_it(fake_script, tmp_path):
+    """The run's last redraw starts before the checkpoint is written; the sheet comes after it. Closing then waits
+    for it (its plots are the last ones) and redraws once more for the page; new losses would stop it instead."""
+    out = tmp_path / "run-0"  # the fake script exits with the number after the last "-": 0, a redraw that went well
+    out.mkdir()
+    (out / "losses.csv").write_text(LOSSES_HEADER + "\n10,1.0,1,1,1,1,1,1,1,0.0002,1.0\n")
+    background = figures.Background()
+    background.submit(out, 0)
+    first = background.proc
+    (out / "samples").mkdir()
+    (out / "samples" / "epoch_001.png").write_bytes(b"the sheet, written while the redraw runs")
+    background.submit(out, 0)
+    background.close(timeout=30)
+    assert first.returncode == 0 and background.proc is not first and background.proc.returncode == 0
+    assert fake_script.read_text().splitlines() == [f"{out} --quiet --decay_epoch 0"] * 2
+
+    (out / "samples" / "epoch_002.png").write_bytes(b"a sheet")
+    background.submit(out, 0)
+    stale = background.proc
+    with open(out / "losses.csv", "a") as f:
+        f.write("30,3.0,1,1,1,1,1,1,1,0.0002,3.0\n")
+    background.submit(out, 0)
+    background.close(timeout=30)  # new losses: the running redraw draws old curves, stopped
+    assert stale.returncode == -signal.SIGTERM and background.proc.returncode == 0
+
+
 def test_background_never_raises_when_no_process_can_start(fake_script, monkeypatch, capfd):
     monkeypatch.setattr(sys, "executable", str(fake_script.with_name("no-python-here")))
     background = figures.Background()
