@@ -5,8 +5,8 @@
 
 Each run is train.py's main() in a process of its own, with EpochEnd's steps and train_epoch timed from outside:
 the seconds of the imports, of the epochs' steps (the checkpoints written in them also alone), of each epoch-end step
-(the seed's files, the sheet, the figures' submit), of the wait for the last redraw at the end; and the CPU seconds
-of one redraw (python figures.py on the finished run).
+(the seed's files, the sheet, the figures' submit), of the wait for the last redraw at the end, of the interpreter's
+start and exit around main(); and the CPU seconds of one redraw (python figures.py on the finished run).
 """
 import argparse
 import json
@@ -54,6 +54,7 @@ def child(argv):
     train.main(train.get_parser().parse_args(argv))
     seconds["whole run"] = time.perf_counter() - t0 + seconds["imports"]
     print(json.dumps(seconds))
+    train.before_exit()  # as train.py's __main__ ends
 
 
 def main(args):
@@ -67,10 +68,13 @@ def main(args):
             make_demo(Path(tmp) / "data", size=side, n_train=n_train, n_test=n_test)
             cmd = [sys.executable, __file__, "--child", "--dataroot", f"{tmp}/data", "--output_dir", f"{tmp}/out",
                    "--no_visdom", *flags, *args.extra]
+            t0 = time.perf_counter()
             r = subprocess.run(cmd, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
             if r.returncode:
                 sys.exit(f"{name} failed:\n{r.stderr}")
             s = json.loads(r.stdout.strip().splitlines()[-1])
+            s["start and exit"] = wall - s["whole run"]  # the interpreter's, outside main()
             (Path(tmp) / "out" / "plots" / ".drawn.json").unlink()  # every file drawn again, as at an epoch end
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             subprocess.run([sys.executable, str(ROOT / "figures.py"), f"{tmp}/out", "--quiet"], check=True)
@@ -81,11 +85,12 @@ def main(args):
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(f"\n{cpu}, {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores; seconds per run")
     print("| run | epochs | imports | steps (checkpoints in them) | generators | sheets | evaluations | figures (submit) "
-          "| wait at the end | one redraw, CPU | whole run |\n|---|---|---|---|---|---|---|---|---|---|---|")
+          "| wait at the end | one redraw, CPU | whole run | interpreter start and exit |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, epochs, s in rows:
         print(f"| {name} | {epochs} | {s['imports']:.1f} | {s['steps']:.1f} ({s['checkpoints']:.1f}) | "
               f"{s['generators']:.2f} | {s['sheet']:.2f} | {s['evaluation']:.2f} | {s['figures']:.3f} | "
-              f"{s['wait at the end']:.2f} | {s['redraw CPU']:.2f} | {s['whole run']:.1f} |")
+              f"{s['wait at the end']:.2f} | {s['redraw CPU']:.2f} | {s['whole run']:.1f} | {s['start and exit']:.2f} |")
 
 
 if __name__ == "__main__":
