@@ -336,7 +336,6 @@ class Background:
         if self.proc is not None and self.proc.poll() is None:
             self.pending = (output_dir, decay_epoch)  # a newer submit replaces an older pending one
             return
-        self.failed = self.failed or bool(self.proc and self.proc.returncode)
         self.pending = None
         self._start(output_dir, decay_epoch)
 
@@ -363,6 +362,9 @@ class Background:
     def _start(self, output_dir, decay_epoch):
         """Start the redraw of output_dir, unless its files are as the last redraw found them; a process that
         cannot start is one warning line."""
+        # The last redraw has ended here. Failed (exit 2): it said why, the later ones stay quiet; one stopped by close
+        # (SIGTERM) or killed by a signal printed nothing.
+        self.failed = self.failed or bool(self.proc and self.proc.returncode > 0)
         inputs = (decay_epoch, run_files(output_dir))
         if inputs == self.drawn:
             return
