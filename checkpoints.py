@@ -1,5 +1,6 @@
 """What a run keeps on disk: weights and checkpoints written atomically, read and checked, the flags a resumed run
 takes from its checkpoint, and the output folder's lock."""
+
 import errno
 import os
 import pickle
@@ -30,21 +31,30 @@ def load_weights(path):
     except FileNotFoundError:
         raise
     except pickle.UnpicklingError as e:  # torch's message is a page of advice; the line that matters is in it
-        refused = re.search(r"GLOBAL ([\w.]+)", str(e))  # "Unsupported global: GLOBAL x.y" or "... GLOBAL x.y whose ..."
+        refused = re.search(
+            r"GLOBAL ([\w.]+)", str(e)
+        )  # "Unsupported global: GLOBAL x.y" or "... GLOBAL x.y whose ..."
         if not refused:  # no pickle of ours at all: text, an image, a truncated file
             why = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
-            raise ValueError(f"{shown(path)} is not a PyTorch weights file "
-                             f"({why[1] if why else first_line(e)[:200]})") from None
-        raise ValueError(f"{shown(path)} holds pickled Python objects besides tensors ({refused[1]}), refused "
-                         f"unread because loading them could run code: it was not saved by this repository") from None
+            raise ValueError(
+                f"{shown(path)} is not a PyTorch weights file ({why[1] if why else first_line(e)[:200]})"
+            ) from None
+        raise ValueError(
+            f"{shown(path)} holds pickled Python objects besides tensors ({refused[1]}), refused "
+            f"unread because loading them could run code: it was not saved by this repository"
+        ) from None
     except Exception as e:
-        why = "the file is empty" if Path(path).is_file() and Path(path).stat().st_size == 0 else \
-            f"{type(e).__name__}: {first_line(e)[:200]}"
+        why = (
+            "the file is empty"
+            if Path(path).is_file() and Path(path).stat().st_size == 0
+            else f"{type(e).__name__}: {first_line(e)[:200]}"
+        )
         raise ValueError(f"{shown(path)} is not a PyTorch weights file ({why})") from None
 
 
 def atomic_save(obj, path):
-    """torch.save via a temporary file, fsync and os.replace: a crash or a full disk mid-write leaves the old file whole."""
+    """torch.save via a temporary file, fsync and os.replace: a crash or a full disk mid-write leaves the old file
+    whole."""
     write_atomic(path, lambda f: torch.save(obj, f), durable=True)
 
 
@@ -72,8 +82,10 @@ def cpu_state(net):
 def load_optimizer(optimizer, state):
     """Load a saved Adam state under this run's settings (fused, capturable, lr type), whichever device saved it."""
     ours = optimizer.param_groups
-    groups = [{**saved, **{k: g[k] for k in ("fused", "capturable", "foreach", "lr")}}
-              for saved, g in zip(state["param_groups"], ours)]
+    groups = [
+        {**saved, **{k: g[k] for k in ("fused", "capturable", "foreach", "lr")}}
+        for saved, g in zip(state["param_groups"], ours)
+    ]
     optimizer.load_state_dict({**state, "param_groups": groups})
     for p, s in optimizer.state.items():  # moments in the parameter's memory format (channels_last on CUDA)
         s.update({k: torch.empty_like(p).copy_(v) for k, v in s.items() if torch.is_tensor(v) and v.shape == p.shape})
@@ -82,12 +94,34 @@ def load_optimizer(optimizer, state):
 # On --resume: flags left at their default take the run's saved value, except LOCAL_FLAGS: where to run, and where
 # data goes, come from this command line alone, never from a checkpoint file (which may be someone else's). RUN_FLAGS
 # may be given a new value; any other flag given with a new value is refused.
-LOCAL_FLAGS = {"cuda", "n_cpu", "output_dir", "resume", "eager", "display_server", "display_port", "display_env",
-               "fid_weights"}
+LOCAL_FLAGS = {
+    "device",
+    "cuda",
+    "n_cpu",
+    "output_dir",
+    "resume",
+    "eager",
+    "display_server",
+    "display_port",
+    "display_env",
+    "fid_weights",
+}
 
 
-RUN_FLAGS = {"epoch", "n_epochs", "decay_epoch", "dataroot", "save_freq", "deterministic", "display_freq", "no_visdom",
-             "n_samples", "eval_freq", "keep_best", "no_figures"}
+RUN_FLAGS = {
+    "epoch",
+    "n_epochs",
+    "decay_epoch",
+    "dataroot",
+    "save_freq",
+    "deterministic",
+    "display_freq",
+    "no_visdom",
+    "n_samples",
+    "eval_freq",
+    "keep_best",
+    "no_figures",
+}
 
 
 ARCH_FLAGS = {"input_nc", "output_nc", "n_blocks", "d_scales", "attention"}
@@ -105,12 +139,15 @@ def load_checkpoint(args, parser, types):
     if args.resume is None:
         for existing in (path, path.with_name("netG_A2B.pth")):
             if existing.exists():
-                raise UserError(f"{existing} holds a run already: continue it with --resume, "
-                                f"or pick another --output_dir")
+                raise UserError(
+                    f"{existing} holds a run already: continue it with --resume, or pick another --output_dir"
+                )
         return None
     if not path.is_file():
-        raise UserError(f"no checkpoint at {path} to resume from" + (" (pass --output_dir of the run, or --resume PATH)"
-                                                                    if args.resume == "latest" else ""))
+        raise UserError(
+            f"no checkpoint at {path} to resume from"
+            + (" (pass --output_dir of the run, or --resume PATH)" if args.resume == "latest" else "")
+        )
     try:
         ckpt = load_weights(path)
     except ValueError as e:
@@ -124,9 +161,11 @@ def load_checkpoint(args, parser, types):
     changed = {k for k in given - RUN_FLAGS - LOCAL_FLAGS if k in saved and getattr(args, k) != saved[k]}
     if changed:
         kind = "architecture" if changed & ARCH_FLAGS else "training"
-        raise UserError(f"{path} was trained with other {kind} flags: " +
-                        ", ".join(f"--{k} {saved[k]} (given {getattr(args, k)})" for k in sorted(changed)) +
-                        "; drop them to resume, or start a new run in another --output_dir")
+        raise UserError(
+            f"{path} was trained with other {kind} flags: "
+            + ", ".join(f"--{k} {saved[k]} (given {getattr(args, k)})" for k in sorted(changed))
+            + "; drop them to resume, or start a new run in another --output_dir"
+        )
     for k in saved.keys() & defaults.keys() - given - LOCAL_FLAGS:
         setattr(args, k, saved[k])
     return ckpt
@@ -152,10 +191,16 @@ def checkpoint_problem(ckpt, types, parser):
 def resume_command(args):
     """The command that continues this run: the launcher, and the local flags a checkpoint does not carry."""
     world_size, per_node = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    launcher = ("python train.py" if world_size == 1 else f"torchrun --nproc_per_node={world_size} train.py"
-                if per_node == world_size else "torchrun <the same launch flags> train.py")
+    launcher = (
+        "python train.py"
+        if world_size == 1
+        else f"torchrun --nproc_per_node={world_size} train.py"
+        if per_node == world_size
+        else "torchrun <the same launch flags> train.py"
+    )
+    device = f" --device {args.device}" if args.device else " --cuda" if args.cuda else ""
     fid_weights = f" --fid_weights {shlex.quote(args.fid_weights)}" if args.fid_weights else ""
-    return f"{launcher} --resume --output_dir {shlex.quote(args.output_dir)}" + " --cuda" * args.cuda + fid_weights
+    return f"{launcher} --resume --output_dir {shlex.quote(args.output_dir)}{device}{fid_weights}"
 
 
 def lock_output_dir(out):
@@ -178,8 +223,9 @@ def lock_output_dir(out):
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
-        raise UserError(f"{out} is in use by a running train.py ({holder}): wait for it, stop it, "
-                        f"or pick another --output_dir") from None
+        raise UserError(
+            f"{out} is in use by a running train.py ({holder}): wait for it, stop it, or pick another --output_dir"
+        ) from None
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")

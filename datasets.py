@@ -9,6 +9,7 @@ Layout read by train.py / test.py, either of:
     ROOT/train/A  ROOT/train/B  ROOT/test/A  ROOT/test/B     (the seed's)
     ROOT/trainA   ROOT/trainB   ROOT/testA   ROOT/testB      (the authors' zips)
 """
+
 import argparse
 import re
 import sys
@@ -23,7 +24,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from downloads import DATASETS, download_dataset, download_pretrained, print_list
 from files import shown
-from runtime import ignore_signals, loader_workers
+from runtime import loader_workers
+from stopping import ignore_signals
 from utils import as_image, to_tensor
 
 # An image file is decoded only if it has at most MAX_PIXELS pixels (PIL's decompression-bomb limit, 89.5 million:
@@ -38,21 +40,28 @@ def domain_dir(root, split, domain):
     """ROOT/split/domain or ROOT/splitdomain, whichever exists."""
     root = Path(root)
     if root.exists() and not root.is_dir():
-        raise ValueError(f"data root {root} is a file, not a folder: pass the folder that holds train/A, train/B, "
-                         f"test/A and test/B")
+        raise ValueError(
+            f"data root {root} is a file, not a folder: pass the folder that holds train/A, train/B, test/A and test/B"
+        )
     if not root.is_dir():
         if root.name in DATASETS:
             where = "" if root.parent == Path("datasets") else f" --root {root.parent}"
-            raise ValueError(f"data root {root} does not exist: download it with `python datasets.py download "
-                             f"{root.name}{where}`, or make the demo set with `python datasets.py demo`")
-        raise ValueError(f"data root {root} does not exist: pass a folder holding train/A, train/B, test/A, test/B "
-                         f"(`python datasets.py list` names the CycleGAN data sets), or make the demo set with "
-                         f"`python datasets.py demo`")
+            raise ValueError(
+                f"data root {root} does not exist: download it with `python datasets.py download "
+                f"{root.name}{where}`, or make the demo set with `python datasets.py demo`"
+            )
+        raise ValueError(
+            f"data root {root} does not exist: pass a folder holding train/A, train/B, test/A, test/B "
+            f"(`python datasets.py list` names the CycleGAN data sets), or make the demo set with "
+            f"`python datasets.py demo`"
+        )
     for d in (root / split / domain, root / f"{split}{domain}"):
         if d.is_dir():
             return d
-    raise ValueError(f"no folder {root / split / domain} (or {root / (split + domain)}): "
-                     f"put the domain-{domain} {split} images there")
+    raise ValueError(
+        f"no folder {root / split / domain} (or {root / (split + domain)}): "
+        f"put the domain-{domain} {split} images there"
+    )
 
 
 def list_images(folder):
@@ -95,13 +104,17 @@ def too_many_pixels():
 
 def too_big_to_resize(side):
     """too_big for not_an_image: why an image resized to a shorter side of `side` px would be too large, or None."""
+
     def reason(w, h):
         long = int(side * max(w, h) / min(w, h))
         if side * long > MAX_RESIZED_PIXELS:
-            return (f"{w}x{h} px: resized to a shorter side of {side} px for the crops it would have "
-                    f"{side * long / 1e6:.0f} million pixels (over {MAX_RESIZED_PIXELS / 1e6:.1f} million; "
-                    f"aspect ratio {max(w, h) / min(w, h):.0f}:1)")
+            return (
+                f"{w}x{h} px: resized to a shorter side of {side} px for the crops it would have "
+                f"{side * long / 1e6:.0f} million pixels (over {MAX_RESIZED_PIXELS / 1e6:.1f} million; "
+                f"aspect ratio {max(w, h) / min(w, h):.0f}:1)"
+            )
         return None
+
     return reason
 
 
@@ -120,23 +133,27 @@ def readable_images(folder, max_bad=0.1, too_big=None):
     good, bad = scan_images(files, too_big)
     metadata = sum(p.name.startswith("._") for p, _ in bad)
     if len(bad) - metadata > max_bad * (len(files) - metadata) or not good:
-        raise ValueError(f"{len(bad)} of {len(files)} image files in {folder} cannot be read (more than "
-                         f"{max_bad:.0%}): fix or remove them, or check that this is the right folder:\n"
-                         + format_bad(bad))
+        raise ValueError(
+            f"{len(bad)} of {len(files)} image files in {folder} cannot be read (more than "
+            f"{max_bad:.0%}): fix or remove them, or check that this is the right folder:\n" + format_bad(bad)
+        )
     return good, bad
 
 
 def format_bad(bad, limit=20):
     """'  PATH: reason' lines for at most `limit` files, then '  and N more'."""
     lines = [f"  {shown(path)}: {reason}" for path, reason in bad[:limit]]
-    return "\n".join(lines + [f"  and {len(bad) - limit} more"] * (len(bad) > limit))
+    if len(bad) > limit:
+        lines.append(f"  and {len(bad) - limit} more")
+    return "\n".join(lines)
 
 
 def skipped_summary(skipped):
     """The one start-of-run message naming the files left out (empty string if none)."""
     if not skipped:
         return ""
-    return f"left out {len(skipped)} file{'s' * (len(skipped) > 1)} that cannot be images:\n" + format_bad(skipped)
+    files = "file" if len(skipped) == 1 else "files"
+    return f"left out {len(skipped)} {files} that cannot be images:\n" + format_bad(skipped)
 
 
 def new_bad_files(bad, seen):
@@ -187,7 +204,8 @@ class ImageDataset(Dataset):
         return max(len(self.files_A), len(self.files_B))
 
     def augment(self, img, rng):
-        """Resize the shorter side to load_size (default 1.12 * size; bicubic), random size x size crop, random h-flip."""
+        """Resize the shorter side to load_size (default 1.12 * size; bicubic), random size x size crop, random
+        horizontal flip."""
         img = resize_shorter_side(img, self.side)
         w, h = img.size
         top, left = int(rng.integers(0, h - self.size + 1)), int(rng.integers(0, w - self.size + 1))
@@ -204,7 +222,9 @@ class ImageDataset(Dataset):
             except Exception as e:  # a broken file makes PIL raise OSError, SyntaxError, ValueError, ...
                 bad.append(f"{shown(files[k])}: cannot be decoded ({type(e).__name__}: {e})")
                 k = int(np.random.default_rng([self.seed, *key, domain, attempt]).integers(len(files)))
-        raise RuntimeError(f"{self.attempts} files in a row failed to decode; is the data set readable?\n" + "\n".join(bad))
+        raise RuntimeError(
+            f"{self.attempts} files in a row failed to decode; is the data set readable?\n" + "\n".join(bad)
+        )
 
     def __getitem__(self, key):
         epoch, i = key
@@ -229,8 +249,8 @@ class EpochSampler(Sampler):
         self.epoch, self.start = epoch, start
 
     def _order(self):
-        rest = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)[self.start:]
-        return np.resize(rest, len(self) * self.world_size)[self.rank::self.world_size]
+        rest = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)[self.start :]
+        return np.resize(rest, len(self) * self.world_size)[self.rank :: self.world_size]
 
     def __iter__(self):
         return iter([(self.epoch, int(i)) for i in self._order()])
@@ -270,9 +290,17 @@ def train_loader(dataset, batch_size, n_cpu, pin_memory, seed, rank=0, world_siz
     """The run's data stream: the (epoch, i) items of EpochSampler. Workers ignore Ctrl-C / SIGTERM, so the main
     process can finish its step and save; their own generator keeps the loader off the global torch RNG."""
     workers = loader_workers(n_cpu, len(dataset))
-    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), seed, rank, world_size),
-                      num_workers=workers, pin_memory=pin_memory, worker_init_fn=ignore_signals,
-                      generator=torch.Generator(), persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=EpochSampler(len(dataset), seed, rank, world_size),
+        num_workers=workers,
+        pin_memory=pin_memory,
+        worker_init_fn=ignore_signals,
+        generator=torch.Generator(),
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers else None,
+    )
 
 
 class ImageFolder(Dataset):
@@ -325,14 +353,18 @@ def output_names(files, limit=200):
 
 # ---- demo data: procedural landscapes, the same scene rendered in summer and in winter ----
 
+
 def render_scene(rng, size, winter, house=False):
     """One (size, size, 3) uint8 landscape: sky, a mountain ridge, ground and pine trees. house=True: also a red
     house on the ground, the same in both seasons (its numbers are the scene's last draws: the rest is unchanged),
     and the picture comes with the house's mask, (size, size) uint8, 255 on the house."""
     s = 2 * size  # draw at 2x, downsample for anti-aliasing
     y, x = np.mgrid[0:s, 0:s] / s
-    ridge = 0.35 + 0.12 * rng.random() + sum(rng.uniform(0.02, 0.07) * np.sin(2 * np.pi * (f * x + rng.random()))
-                                             for f in (1, 2, 4))
+    ridge = (
+        0.35
+        + 0.12 * rng.random()
+        + sum(rng.uniform(0.02, 0.07) * np.sin(2 * np.pi * (f * x + rng.random())) for f in (1, 2, 4))
+    )
     horizon = 0.62 + 0.1 * rng.random() + 0.03 * np.sin(2 * np.pi * (x + rng.random()))
     snow_line = ridge + 0.06 + 0.1 * rng.random()
     trees = [(rng.uniform(0, 1), rng.uniform(0.68, 1.0), rng.uniform(0.08, 0.16)) for _ in range(rng.integers(3, 8))]
@@ -353,13 +385,18 @@ def render_scene(rng, size, winter, house=False):
             img[tree & (y < base - 0.6 * height)] = (0.9, 0.92, 0.95)
 
     def shrink(a):  # (2 size, 2 size, ...) in [0, 1] to (size, size, ...) uint8
-        return np.asarray(Image.fromarray((np.clip(a, 0, 1) * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR))
+        return np.asarray(
+            Image.fromarray((np.clip(a, 0, 1) * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
+        )
+
     if not house:
         return shrink(img)
     hx, base, w = rng.uniform(0.2, 0.8), rng.uniform(0.84, 0.96), rng.uniform(0.2, 0.3)  # centre, ground, width
     walls = (np.abs(x - hx) < w / 2) & (y < base) & (y > base - 0.55 * w)
     eaves = base - 0.55 * w  # the roof: a triangle 0.45 w high, a little wider than the walls
-    roof = (y <= eaves) & (y > eaves - 0.45 * w) & (np.abs(x - hx) < (w / 2 + 0.02) * (y - eaves + 0.45 * w) / (0.45 * w))
+    roof = (
+        (y <= eaves) & (y > eaves - 0.45 * w) & (np.abs(x - hx) < (w / 2 + 0.02) * (y - eaves + 0.45 * w) / (0.45 * w))
+    )
     door = (np.abs(x - hx) < 0.1 * w) & (y < base) & (y > base - 0.3 * w)
     img[walls], img[roof], img[door] = (0.72, 0.16, 0.12), (0.28, 0.22, 0.22), (0.3, 0.15, 0.08)
     return shrink(img), shrink((walls | roof).astype(np.float64))
@@ -371,7 +408,12 @@ def make_demo(root, size=40, n_train=300, n_test=20, seed=0, objects=False):
     scene, black on the house and white elsewhere (test.py --mask_dir: translate all but the house)."""
     root = Path(root)
     rng = np.random.default_rng(seed)
-    jobs = [("train/A", False, n_train), ("train/B", True, n_train), ("test/A", False, n_test), ("test/B", True, n_test)]
+    jobs = [
+        ("train/A", False, n_train),
+        ("train/B", True, n_train),
+        ("test/A", False, n_test),
+        ("test/B", True, n_test),
+    ]
     for sub in ["test/truth_B"] + ["test/mask_A"] * objects + [sub for sub, _, _ in jobs]:
         (root / sub).mkdir(parents=True, exist_ok=True)
     for sub, winter, n in jobs:
@@ -395,14 +437,19 @@ def main(argv=None):
     demo.add_argument("--n_train", type=int, default=300, help="training images per domain")
     demo.add_argument("--n_test", type=int, default=20, help="test images per domain")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--objects", action="store_true", help="a house in every scene, the same in both seasons, "
-                                                             "and its masks in test/mask_A (README: --attention)")
+    demo.add_argument(
+        "--objects",
+        action="store_true",
+        help="a house in every scene, the same in both seasons, and its masks in test/mask_A (README: --attention)",
+    )
     sub.add_parser("list", help="name the authors' data sets (with sizes) and pretrained generators")
     for command, root, what in (("download", "datasets", "data set"), ("pretrained", "pretrained", "generator")):
         p = sub.add_parser(command, help=f"download one of the authors' {what}s (resumes a cut download)")
         p.add_argument("name", help="see `python datasets.py list`")
         p.add_argument("--root", default=root, help=f"folder for the {what} (default {root})")
-        p.add_argument("--base_url", help=f"fetch BASE_URL/NAME.{'zip' if what == 'data set' else 'pth'} instead (a mirror)")
+        p.add_argument(
+            "--base_url", help=f"fetch BASE_URL/NAME.{'zip' if what == 'data set' else 'pth'} instead (a mirror)"
+        )
         p.add_argument("--retries", type=int, default=5, help="retries after a failed connection or a cut transfer")
     args = parser.parse_args(argv)
     if args.command == "demo":

@@ -7,6 +7,7 @@
 Every transfer is bounded (a listed size with a margin, a throughput floor, free disk checked first) and every
 failure says what was kept: a cut download resumes from its .part file when run again.
 """
+
 import os
 import re
 import shutil
@@ -23,21 +24,49 @@ from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 from urllib3.util.retry import Retry
 
-from models import load_generator
 from files import open_new
+from models import load_generator
 
-DATASET_URLS = ("http://efrosgans.eecs.berkeley.edu/cyclegan/datasets",  # current location
-                "https://people.eecs.berkeley.edu/~taesung_park/CycleGAN/datasets")  # older one, tried second
+DATASET_URLS = (
+    "http://efrosgans.eecs.berkeley.edu/cyclegan/datasets",  # current location
+    "https://people.eecs.berkeley.edu/~taesung_park/CycleGAN/datasets",
+)  # older one, tried second
 PRETRAINED_URL = "http://efrosgans.eecs.berkeley.edu/cyclegan/pretrained_models"
 # Zip sizes in bytes as TensorFlow Datasets recorded them (cycle_gan checksums); ae_photos' size is not known.
-DATASETS = {"apple2orange": 78456409, "summer2winter_yosemite": 132640856, "horse2zebra": 116867962,
-            "monet2photo": 305231073, "cezanne2photo": 279885071, "ukiyoe2photo": 292946532,
-            "vangogh2photo": 306590349, "maps": 1476754427, "cityscapes": 279601602, "facades": 35135868,
-            "iphone2dslr_flower": 339964458, "ae_photos": None}
-PRETRAINED = ("horse2zebra", "zebra2horse", "summer2winter_yosemite", "winter2summer_yosemite", "apple2orange",
-              "orange2apple", "monet2photo", "style_monet", "style_cezanne", "style_ukiyoe", "style_vangogh", "sat2map",
-              "map2sat", "facades_photo2label", "facades_label2photo", "cityscapes_photo2label", "cityscapes_label2photo",
-              "iphone2dslr_flower")
+DATASETS = {
+    "apple2orange": 78456409,
+    "summer2winter_yosemite": 132640856,
+    "horse2zebra": 116867962,
+    "monet2photo": 305231073,
+    "cezanne2photo": 279885071,
+    "ukiyoe2photo": 292946532,
+    "vangogh2photo": 306590349,
+    "maps": 1476754427,
+    "cityscapes": 279601602,
+    "facades": 35135868,
+    "iphone2dslr_flower": 339964458,
+    "ae_photos": None,
+}
+PRETRAINED = (
+    "horse2zebra",
+    "zebra2horse",
+    "summer2winter_yosemite",
+    "winter2summer_yosemite",
+    "apple2orange",
+    "orange2apple",
+    "monet2photo",
+    "style_monet",
+    "style_cezanne",
+    "style_ukiyoe",
+    "style_vangogh",
+    "sat2map",
+    "map2sat",
+    "facades_photo2label",
+    "facades_label2photo",
+    "cityscapes_photo2label",
+    "cityscapes_label2photo",
+    "iphone2dslr_flower",
+)
 TIMEOUT = (10, 60)  # seconds to connect, and to wait for the next bytes before resuming
 CHUNK = 1 << 16  # bytes per read at most; a cut loses the read it interrupts, the next try asks for it again
 STALL = (60, 1 << 16)  # fewer bytes than STALL[1] in STALL[0] seconds is a stall, however steadily they trickle in
@@ -59,13 +88,17 @@ def check_free(folder, need, what):
     """ValueError unless folder's file system has `need` bytes free (and 64 MiB besides)."""
     free = free_bytes(folder)
     if need + (64 << 20) > free:
-        raise ValueError(f"{what} needs {need / 1e6:.0f} MB of disk in {folder}, and {free / 1e6:.0f} MB are free: "
-                         f"free some space (or pass another --root) and run again")
+        raise ValueError(
+            f"{what} needs {need / 1e6:.0f} MB of disk in {folder}, and {free / 1e6:.0f} MB are free: "
+            f"free some space (or pass another --root) and run again"
+        )
 
 
 def http_session(retries):
     """A requests session that retries connection errors and 429/5xx answers with exponential backoff."""
-    retry = Retry(total=retries, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504), allowed_methods={"GET"})
+    retry = Retry(
+        total=retries, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504), allowed_methods={"GET"}
+    )
     session = requests.Session()
     session.mount("http://", HTTPAdapter(max_retries=retry))
     session.mount("https://", HTTPAdapter(max_retries=retry))
@@ -81,7 +114,10 @@ def download(session, url, part, retries, limit):
     failures = 0
     while True:
         start = part.stat().st_size if part.exists() else 0
-        headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={start}-"} if start else {})}  # byte counts = file
+        headers = {
+            "Accept-Encoding": "identity",
+            **({"Range": f"bytes={start}-"} if start else {}),
+        }  # byte counts = file
         stalled = False
         with session.get(url, headers=headers, stream=True, timeout=TIMEOUT) as r:
             content_range = r.headers.get("Content-Range", "")
@@ -99,17 +135,23 @@ def download(session, url, part, retries, limit):
             length = r.headers.get("Content-Length", "")
             total = start + int(length) if length.isdigit() else None
             if total is not None and total > limit:
-                raise ValueError(f"{url} declares {total / 1e6:.1f} MB, more than the {limit / 1e6:.1f} MB expected "
-                                 f"of {part.name[:-5]}: refused before writing anything")
+                raise ValueError(
+                    f"{url} declares {total / 1e6:.1f} MB, more than the {limit / 1e6:.1f} MB expected "
+                    f"of {part.name[:-5]}: refused before writing anything"
+                )
             check_free(part.parent, (total or limit) - start, f"downloading {part.name[:-5]}")
             try:
-                with open_append(part) if start else open_new(part) as f, \
-                        tqdm(total=total, initial=start, unit="B", unit_scale=True, desc=part.name[:-5]) as bar:
+                with (
+                    open_append(part) if start else open_new(part) as f,
+                    tqdm(total=total, initial=start, unit="B", unit_scale=True, desc=part.name[:-5]) as bar,
+                ):
                     size, window = start, (time.monotonic(), start)
                     while chunk := r.raw.read1(CHUNK, decode_content=True):
                         if size + len(chunk) > limit:
-                            raise ValueError(f"{url} sent more than the {limit / 1e6:.1f} MB expected of "
-                                             f"{part.name[:-5]}: stopped there")
+                            raise ValueError(
+                                f"{url} sent more than the {limit / 1e6:.1f} MB expected of "
+                                f"{part.name[:-5]}: stopped there"
+                            )
                         f.write(chunk)
                         size += len(chunk)
                         bar.update(len(chunk))
@@ -129,7 +171,7 @@ def download(session, url, part, retries, limit):
         if failures > retries:
             how = "slower than the stall floor" if stalled else f"stopped at {size} of {total} bytes"
             raise requests.ConnectionError(f"the transfer was {how} {failures} times in a row")
-        time.sleep(0.5 * (2 ** failures - 1))  # no wait after a transfer that made progress
+        time.sleep(0.5 * (2**failures - 1))  # no wait after a transfer that made progress
 
 
 def open_append(path):
@@ -167,10 +209,15 @@ def fetch(urls, dest, retries, by_hand, limit):
                 raise ValueError(f"{e}; deleted {part}") from None
             except OSError as e:  # our side: a full disk, a folder we may not write to
                 kept = f"{part} keeps {part.stat().st_size} bytes" if part.is_file() else "nothing was kept"
-                raise ValueError(f"could not write {part} ({e.strerror or e}); {kept}: free space (or fix the "
-                                 f"folder) and run again to resume, or delete it") from None
-    kept = (f"; {part} keeps {part.stat().st_size} bytes for the next try (delete it to start afresh)"
-            if part.exists() else "")
+                raise ValueError(
+                    f"could not write {part} ({e.strerror or e}); {kept}: free space (or fix the "
+                    f"folder) and run again to resume, or delete it"
+                ) from None
+    kept = (
+        f"; {part} keeps {part.stat().st_size} bytes for the next try (delete it to start afresh)"
+        if part.exists()
+        else ""
+    )
     raise ValueError(f"could not download {dest.name} ({'; '.join(errors)}){kept}. {by_hand}")
 
 
@@ -194,15 +241,21 @@ def extract(zip_path, target):
             entry = next((i.filename for i in zf.infolist() if unsafe(i)), None)
             if entry is not None:
                 raise ValueError(f"{zip_path} holds {entry!r}, an absolute path, '..' or link: refusing to extract it")
-            entry = next((i.filename for i in zf.infolist()
-                          if any(len(part.encode()) > 255 for part in i.filename.split("/"))), None)
+            entry = next(
+                (i.filename for i in zf.infolist() if any(len(part.encode()) > 255 for part in i.filename.split("/"))),
+                None,
+            )
             if entry is not None:
-                raise ValueError(f"{zip_path} holds a name longer than a file system allows (255 bytes): "
-                                 f"{entry[:80]!r}...: refusing to extract it")
+                raise ValueError(
+                    f"{zip_path} holds a name longer than a file system allows (255 bytes): "
+                    f"{entry[:80]!r}...: refusing to extract it"
+                )
             unpacked, packed = sum(i.file_size for i in zf.infolist()), zip_path.stat().st_size
             if unpacked > UNPACK_RATIO * packed + (1 << 20):  # the sizes zipfile will hold each member to
-                raise ValueError(f"{zip_path} would unpack to {unpacked / 1e6:.0f} MB from {packed / 1e6:.1f} MB, "
-                                 f"over {UNPACK_RATIO}x (a zip bomb?): refusing to extract it")
+                raise ValueError(
+                    f"{zip_path} would unpack to {unpacked / 1e6:.0f} MB from {packed / 1e6:.1f} MB, "
+                    f"over {UNPACK_RATIO}x (a zip bomb?): refusing to extract it"
+                )
             check_free(target.parent, unpacked, f"unpacking {zip_path.name}")
             tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.extract-", dir=target.parent))
             try:
@@ -217,8 +270,10 @@ def extract(zip_path, target):
                         d.rename(content / m[1] / m[2])
                 missing = missing_domains(content)
                 if missing:
-                    raise ValueError(f"{zip_path} is not a CycleGAN data set: it holds no {', '.join(missing)} "
-                                     f"(nor {', '.join(m.replace('/', '') for m in missing)})")
+                    raise ValueError(
+                        f"{zip_path} is not a CycleGAN data set: it holds no {', '.join(missing)} "
+                        f"(nor {', '.join(m.replace('/', '') for m in missing)})"
+                    )
                 content.rename(target)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -236,8 +291,13 @@ def missing_domains(root):
 
 def describe(root):
     """'train/A: 1231 files, ...' for the domain folders under root, in either layout ('' if none)."""
-    folders = [d for split in ("train", "test", "val") for domain in "AB"
-               for d in (root / split / domain, root / f"{split}{domain}") if d.is_dir()]
+    folders = [
+        d
+        for split in ("train", "test", "val")
+        for domain in "AB"
+        for d in (root / split / domain, root / f"{split}{domain}")
+        if d.is_dir()
+    ]
     return ", ".join(f"{d.relative_to(root).as_posix()}: {sum(1 for _ in d.iterdir())} files" for d in folders)
 
 
@@ -250,7 +310,9 @@ def download_dataset(name, root="datasets", base_url=None, retries=5):
     if target.exists():
         missing = missing_domains(target)
         if len(missing) == len(DOMAINS):
-            raise ValueError(f"{target} exists but holds no train/A, train/B, test/A or test/B: move it away and run again")
+            raise ValueError(
+                f"{target} exists but holds no train/A, train/B, test/A or test/B: move it away and run again"
+            )
         if missing:
             raise ValueError(f"{target} is incomplete (no {', '.join(missing)}): move it away and run again")
         print(f"{target} is already there ({describe(target)}); nothing to do")
@@ -260,8 +322,10 @@ def download_dataset(name, root="datasets", base_url=None, retries=5):
         shutil.rmtree(stale)
     downloaded = not zip_path.exists()  # a zip already there (fetched by hand, or by a run cut while unzipping) is used
     if downloaded:
-        by_hand = (f"Fetch {urls[0]} by hand and unzip it into {root}/ (it holds {name}/trainA ...), "
-                   f"or save it as {zip_path} and run this again")
+        by_hand = (
+            f"Fetch {urls[0]} by hand and unzip it into {root}/ (it holds {name}/trainA ...), "
+            f"or save it as {zip_path} and run this again"
+        )
         limit = DATASETS[name] + int(SIZE_MARGIN * DATASETS[name]) + (1 << 20) if DATASETS[name] else UNLISTED_ZIP
         fetch(urls, zip_path, retries, by_hand, limit).replace(zip_path)
     try:
@@ -269,12 +333,20 @@ def download_dataset(name, root="datasets", base_url=None, retries=5):
     except ValueError as e:
         if downloaded:
             zip_path.unlink()
-        raise ValueError(f"{e}; " + ("deleted it: run again to download it afresh" if downloaded
-                                     else "delete it and run again to download it")) from None
+        raise ValueError(
+            f"{e}; "
+            + (
+                "deleted it: run again to download it afresh"
+                if downloaded
+                else "delete it and run again to download it"
+            )
+        ) from None
     except OSError as e:  # a full disk, say: the archive is good, and kept for the next try
-        raise ValueError(f"could not unpack {zip_path} into {root} ({e.strerror or e}); nothing was unpacked, and "
-                         f"{zip_path} ({zip_path.stat().st_size / 1e6:.1f} MB) is kept: free space and run again "
-                         f"to unpack it, or delete it") from None
+        raise ValueError(
+            f"could not unpack {zip_path} into {root} ({e.strerror or e}); nothing was unpacked, and "
+            f"{zip_path} ({zip_path.stat().st_size / 1e6:.1f} MB) is kept: free space and run again "
+            f"to unpack it, or delete it"
+        ) from None
     if downloaded:
         zip_path.unlink()
     print(f"{target}: {describe(target)}" + ("" if downloaded else f" (kept {zip_path}, which was there before)"))

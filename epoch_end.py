@@ -1,5 +1,6 @@
 """What each epoch end leaves on disk besides the checkpoint, in one order that a resumed run finishes: the seed's
 net*.pth, the sheet of fixed test images, the FID/KID row, the best generators, the figures and training.html."""
+
 import json
 import sys
 from pathlib import Path
@@ -14,7 +15,6 @@ from models import attend
 from report import labelled_grid
 from runtime import amp_dtype, free_pixels
 from utils import UserError, first_line, tensor2image
-
 
 
 @torch.inference_mode()
@@ -34,7 +34,7 @@ def sample_sheet(G_A2B, G_B2A, samples, device, memory_format, autocast):
             results += [] if attention is None else [attention * 2 - 1]  # [0, 1] shown black to white
         rows += [[tensor2image(r[i]) for r in results] for i in range(len(real))]
         labels += [f"{domain}{i + 1}" for i in range(len(real))]
-    return labelled_grid(rows, labels, ["real", "translated", "reconstructed", "identity", "attention"][:len(rows[0])])
+    return labelled_grid(rows, labels, ["real", "translated", "reconstructed", "identity", "attention"][: len(rows[0])])
 
 
 class EpochEnd:
@@ -47,14 +47,25 @@ class EpochEnd:
 
     def __init__(self, args, resumed_epoch=None, device=torch.device("cpu")):
         self.args, self.out = args, Path(args.output_dir)
-        self.samples = {d: test_images(args.dataroot, d, nc, args.n_samples, args.size)[0]
-                        for d, nc in (("A", args.input_nc), ("B", args.output_nc))}
+        self.samples = {
+            d: test_images(args.dataroot, d, nc, args.n_samples, args.size)[0]
+            for d, nc in (("A", args.input_nc), ("B", args.output_nc))
+        }
         self.tracker = None
         if args.eval_freq:
             from metrics import Tracker  # here: importing torch-fidelity takes a second, and only --eval_freq needs it
+
             try:
-                self.tracker = Tracker(self.out, args.dataroot, args.input_nc, args.output_nc, resumed_epoch, device,
-                                       args.fid_weights, free_pixels(device))
+                self.tracker = Tracker(
+                    self.out,
+                    args.dataroot,
+                    args.input_nc,
+                    args.output_nc,
+                    resumed_epoch,
+                    device,
+                    args.fid_weights,
+                    free_pixels(device),
+                )
             except ValueError as e:
                 raise UserError(e) from None
         self.background = None if args.no_figures else Background()
@@ -82,8 +93,9 @@ class EpochEnd:
         # steps an epoch the sheet's 24 generator passes cost as much as a step), else in the run's precision.
         dtype = amp_dtype(run.device)
         autocast = torch.autocast(run.device.type, dtype, cache_enabled=False) if dtype else run.autocast
-        self.sheet_shown = sample_sheet(run.nets["G_A2B"], run.nets["G_B2A"], self.samples, run.device,
-                                        run.memory_format, autocast)
+        self.sheet_shown = sample_sheet(
+            run.nets["G_A2B"], run.nets["G_B2A"], self.samples, run.device, run.memory_format, autocast
+        )
         try:
             path.parent.mkdir(exist_ok=True)
             write_png(self.sheet_shown, path)
@@ -96,17 +108,24 @@ class EpochEnd:
         if not (self.tracker and self.tracker.due(run.epoch, self.args.eval_freq, self.args.n_epochs)):
             return
         try:
-            row = self.tracker.evaluate(run.nets["G_A2B"], run.nets["G_B2A"], run.epoch, run.step, run.seconds,
-                                        run.device)
+            row = self.tracker.evaluate(
+                run.nets["G_A2B"], run.nets["G_B2A"], run.epoch, run.step, run.seconds, run.device
+            )
         except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: out of memory, on the GPU or the CPU
             memory = isinstance(e, RuntimeError) and "memory" in str(e)
-            why = ("out of memory translating the test images at full size; after training, "
-                   "python test.py --metrics --max_size N measures them scaled") if memory else first_line(e)
+            why = (
+                (
+                    "out of memory translating the test images at full size; after training, "
+                    "python test.py --metrics --max_size N measures them scaled"
+                )
+                if memory
+                else first_line(e)
+            )
             print(f"warning: no FID/KID from here on: {why}", file=sys.stderr)
             self.tracker = None
             return
-        best = best_row(self.tracker.rows) is row
-        print(f"epoch {run.epoch}: FID A2B {row['fid_A2B']:.2f}, B2A {row['fid_B2A']:.2f}" + " (best)" * best)
+        best = " (best)" if best_row(self.tracker.rows) is row else ""
+        print(f"epoch {run.epoch}: FID A2B {row['fid_A2B']:.2f}, B2A {row['fid_B2A']:.2f}{best}")
 
     def best(self, run):
         """--keep_best: best_netG_*.pth hold the generators of metrics.csv's lowest FID A2B + B2A, and best_netG.json
@@ -136,17 +155,26 @@ class EpochEnd:
                 path = self.out / (BEST if name == ".json" else f"best_net{name}.pth")
                 if path.exists():
                     path.rename(path.with_name(f"{path.stem}.epoch{kept:03d}{path.suffix}"))
-            print(f"best_netG_*.pth of epoch {kept}, which this run trains again, moved aside as "
-                  f"best_netG_*.epoch{kept:03d}.pth", file=sys.stderr)
+            print(
+                f"best_netG_*.pth of epoch {kept}, which this run trains again, moved aside as "
+                f"best_netG_*.epoch{kept:03d}.pth",
+                file=sys.stderr,
+            )
         row = best_row(rows)
-        if self.args.keep_best and row is not None and kept_epoch(self.out) != row["epoch"] and \
-                row["epoch"] != resumed_epoch:
-            print(f"--keep_best: the lowest FID so far is epoch {row['epoch']:g}'s, whose generators were not kept; "
-                  f"best_netG_*.pth will hold a later epoch only if it does better", file=sys.stderr)
+        if (
+            self.args.keep_best
+            and row is not None
+            and kept_epoch(self.out) != row["epoch"]
+            and row["epoch"] != resumed_epoch
+        ):
+            print(
+                f"--keep_best: the lowest FID so far is epoch {row['epoch']:g}'s, whose generators were not kept; "
+                f"best_netG_*.pth will hold a later epoch only if it does better",
+                file=sys.stderr,
+            )
 
     def close(self):
         """Draw the figures once more (a stopped run's too) and wait for them."""
         if self.background:
             self.background.submit(self.out, self.args.decay_epoch)
             self.background.close()
-

@@ -8,6 +8,7 @@ released ones, other ResNet layouts. The graph takes a batch of images of any he
 them to a multiple of 4 and crops back inside, so its output is test.py's translation; the model's metadata says
 how to make its input and read its output (README: Using a generator elsewhere).
 """
+
 import argparse
 import gc
 import sys
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from files import shown, write_atomic
 from models import AttentionGenerator, load_generator, translate
+from runtime import chosen_device
 from utils import UserError, channels_problem, first_line
 
 # (batch, height, width) checked against PyTorch after the export: no side a multiple of 4, one batch of 2.
@@ -45,36 +47,44 @@ def metadata(G, args):
     colours = {1: "grey", 3: "RGB"}
     return {
         "input": f"image: float32 (batch, {args.input_nc}, height, width), {colours[args.input_nc]}, height and width "
-                 f"at least 8, values in [-1, 1]: pixel / 127.5 - 1",
+        f"at least 8, values in [-1, 1]: pixel / 127.5 - 1",
         "output": f"translated: float32 (batch, {args.output_nc}, height, width), the input's size, "
-                  f"{colours[args.output_nc]}, values in [-1, 1]: pixel = floor(clip((value + 1) * 127.5 + 0.5, 0, 255))",
+        f"{colours[args.output_nc]}, values in [-1, 1]: pixel = floor(clip((value + 1) * 127.5 + 0.5, 0, 255))",
         "generator": Path(args.generator).name,
-        "architecture": ("attention-guided " if isinstance(G, AttentionGenerator) else "") +
-                        f"CycleGAN ResNet generator, {sum(isinstance(m, torch.nn.Conv2d) for m in G.modules())} convolutions",
+        "architecture": ("attention-guided " if isinstance(G, AttentionGenerator) else "")
+        + f"CycleGAN ResNet generator, {sum(isinstance(m, torch.nn.Conv2d) for m in G.modules())} convolutions",
     }
 
 
-def export(G, input_nc):
-    """The ONNX model (an onnx.ModelProto) of Padded(G), with dynamic batch, height and width."""
-    example = torch.rand(1, input_nc, 36, 44) * 2 - 1
+def export(G, input_nc, device):
+    """The ONNX model (an onnx.ModelProto) of Padded(G), traced on `device`, with dynamic batch, height and width."""
+    example = torch.rand(1, input_nc, 36, 44, device=device) * 2 - 1
     dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height", min=8), 3: torch.export.Dim("width", min=8)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's notes on its own internals
-        program = torch.onnx.export(Padded(G).eval(), (example,), dynamo=True, dynamic_shapes={"image": dims},
-                                    input_names=["image"], output_names=["translated"], verbose=False)
+        program = torch.onnx.export(
+            Padded(G).eval(),
+            (example,),
+            dynamo=True,
+            dynamic_shapes={"image": dims},
+            input_names=["image"],
+            output_names=["translated"],
+            verbose=False,
+        )
     return program.model_proto
 
 
-def largest_difference(G, model_bytes, input_nc):
+def largest_difference(G, model_bytes, input_nc, device):
     """The largest difference between onnxruntime's outputs and PyTorch's (test.py's translate) over CHECK_SHAPES."""
     import onnxruntime
+
     session = onnxruntime.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(0)
     worst = 0.0
     for b, h, w in CHECK_SHAPES:
         x = torch.rand(b, input_nc, h, w, generator=generator) * 2 - 1
         got = torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
-        want = translate(G, x)
+        want = translate(G, x.to(device)).cpu()
         if got.shape != want.shape:
             return float("inf")
         worst = max(worst, (got - want).abs().max().item())
@@ -90,31 +100,40 @@ def main(args):
         raise UserError(f"the export needs the {e.name} package: pip install -r requirements.txt") from None
     if channels_problem(args):
         raise UserError(channels_problem(args))
+    device = chosen_device(args)
+    torch.backends.cudnn.allow_tf32 = False  # the check compares float32 with float32, not TF32's 10-bit mantissas
     try:
-        G = load_generator(args.generator, args.input_nc, args.output_nc).eval()
+        G = load_generator(args.generator, args.input_nc, args.output_nc).eval().to(device)
     except ValueError as e:
         raise UserError(e) from None
     out = Path(args.output)
     if not out.parent.is_dir():
         raise UserError(f"--output {shown(out)}: the folder {shown(out.parent)} does not exist")
     try:
-        model = export(G, args.input_nc)
+        model = export(G, args.input_nc, device)
     except Exception as e:  # the exporter's errors are long; its first line names the cause
-        raise UserError(f"{shown(args.generator)} could not be exported to ONNX ({type(e).__name__}: "
-                        f"{first_line(e)[:300]})") from None
+        raise UserError(
+            f"{shown(args.generator)} could not be exported to ONNX ({type(e).__name__}: {first_line(e)[:300]})"
+        ) from None
     onnx.helper.set_model_props(model, metadata(G, args))
     model_bytes = model.SerializeToString()
-    worst = largest_difference(G, model_bytes, args.input_nc)
+    worst = largest_difference(G, model_bytes, args.input_nc, device)
     sizes = ", ".join(f"{b}x{h}x{w}" for b, h, w in CHECK_SHAPES)
     if not worst <= TOLERANCE:
-        raise UserError(f"onnxruntime's output differs from PyTorch's by {worst:.2g} (more than {TOLERANCE:g}) on "
-                        f"batch x height x width {sizes}: {shown(out)} was not written")
+        raise UserError(
+            f"onnxruntime's output differs from PyTorch's by {worst:.2g} (more than {TOLERANCE:g}) on "
+            f"batch x height x width {sizes}: {shown(out)} was not written"
+        )
     try:
         write_atomic(out, lambda f: f.write(model_bytes))
     except OSError as e:
-        raise UserError(f"cannot write {shown(out)} ({e.strerror or first_line(e)}): pick a path you can write to") from None
-    print(f"wrote {shown(out)} ({len(model_bytes) / 2**20:.1f} MiB); onnxruntime vs PyTorch on {sizes}: largest "
-          f"difference {worst:.1e}")
+        raise UserError(
+            f"cannot write {shown(out)} ({e.strerror or first_line(e)}): pick a path you can write to"
+        ) from None
+    print(
+        f"wrote {shown(out)} ({len(model_bytes) / 2**20:.1f} MiB); onnxruntime vs PyTorch on {sizes}: largest "
+        f"difference {worst:.1e}"
+    )
     return 0
 
 
@@ -124,6 +143,8 @@ def get_parser():
     p.add_argument("--output", required=True, help="the .onnx file to write")
     p.add_argument("--input_nc", type=int, default=3, help="channels of the images it translates (1: grey, 3: RGB)")
     p.add_argument("--output_nc", type=int, default=3, help="channels of its translations")
+    p.add_argument("--device", type=str, help="where PyTorch traces and checks it: cpu, cuda, cuda:N or mps")
+    p.add_argument("--cuda", action="store_true", help="the seed's flag: --device cuda")
     return p
 
 

@@ -2,12 +2,13 @@
 and OUTPUT_DIR/training.html with the curves, the FID/KID table and the per-epoch sample grids.
 
     python figures.py output/horse2zebra                     # redraw from losses.csv: a finished, running or old run
-    python figures.py output/horse2zebra --decay_epoch 100   # mark the lr decay here (default: where the logged lr falls)
+    python figures.py output/horse2zebra --decay_epoch 100   # mark the lr decay here (default: where the lr falls)
 
 During training, Background().submit(OUTPUT_DIR, decay_epoch) runs the same command in a subprocess at each epoch end:
 the training thread only starts a process, and a figure that cannot be drawn costs one warning line on stderr.
 Exit codes: 0 drawn, 1 an error of the caller (no such folder, no losses.csv), 2 the figures could not be drawn.
 """
+
 import argparse
 import gc
 import hashlib
@@ -33,24 +34,39 @@ LOSSES = ["loss_G", "loss_D", "loss_G_cycle", "loss_G_GAN", "loss_G_identity", "
 DIRECTIONS = ["A2B", "B2A"]
 BEST = "best_netG.json"  # which epoch best_netG_*.pth hold (train.py --keep_best)
 TITLES = {  # what each curve is, from models.py's objective and train.py's step
-    "loss_G": "loss_G = GAN + cycle + identity", "loss_D": "loss_D = loss_D_A + loss_D_B",
-    "loss_G_cycle": "loss_G_cycle: L1 of A→B→A and B→A→B", "loss_G_GAN": "loss_G_GAN: fakes judged real (LSGAN)",
-    "loss_G_identity": "loss_G_identity: L1 of G_A2B(B) to B, …", "loss_D_A": "loss_D_A: real A → 1, fake A → 0",
-    "loss_D_B": "loss_D_B: real B → 1, fake B → 0", "lr": "learning rate",
-    "fid": "FID against the real test images (lower is better)", "kid": "KID ×100 ± std (lower is better)"}
+    "loss_G": "loss_G = GAN + cycle + identity",
+    "loss_D": "loss_D = loss_D_A + loss_D_B",
+    "loss_G_cycle": "loss_G_cycle: L1 of A→B→A and B→A→B",
+    "loss_G_GAN": "loss_G_GAN: fakes judged real (LSGAN)",
+    "loss_G_identity": "loss_G_identity: L1 of G_A2B(B) to B, …",
+    "loss_D_A": "loss_D_A: real A → 1, fake A → 0",
+    "loss_D_B": "loss_D_B: real B → 1, fake B → 0",
+    "lr": "learning rate",
+    "fid": "FID against the real test images (lower is better)",
+    "kid": "KID ×100 ± std (lower is better)",
+}
 Y_LABELS = {"fid": "FID", "kid": "KID ×100"}
 # Same data, same bytes: ids are hashed with a fixed salt instead of random ones (and savefig gets no Date). No path
 # simplification: every logged point is a vertex in the SVG, so a reader (or a test) finds what losses.csv holds.
 # Text stays text in the SVGs (svg.fonttype none): glyphs as paths cost a tenth of every redraw, and the files grow.
-RC = {"svg.hashsalt": "cyclegan-figures", "path.simplify": False, "font.size": 9, "legend.fontsize": 8,
-      "axes.grid": True, "grid.alpha": 0.3, "svg.fonttype": "none"}
+RC = {
+    "svg.hashsalt": "cyclegan-figures",
+    "path.simplify": False,
+    "font.size": 9,
+    "legend.fontsize": 8,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "svg.fonttype": "none",
+}
 SVG_SIZE, SVG_RC = (6.4, 4.0), {"font.size": 11, "legend.fontsize": 9}  # 614 x 384 px, often shown at 2/3 of that
 OVERVIEW_COLUMNS, OVERVIEW_PANEL, OVERVIEW_DPI = 4, (3.25, 2.6), 150  # 4 panels of 3.25 in: 1950 px wide
-PAGE_STYLE = ("body{font-family:sans-serif;margin:1em;max-width:1900px}table{border-collapse:collapse}"
-              "th,td{padding:4px 8px;text-align:center;border-bottom:1px solid #ddd}tr.best td{font-weight:bold}"
-              ".grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,440px),1fr));gap:1em}"
-              "figure{margin:0}figure img{display:block;max-width:100%;height:auto;margin:auto}"
-              "figcaption{text-align:center;color:#555;font-size:90%}.note{color:#555}.wide{overflow-x:auto}")
+PAGE_STYLE = (
+    "body{font-family:sans-serif;margin:1em;max-width:1900px}table{border-collapse:collapse}"
+    "th,td{padding:4px 8px;text-align:center;border-bottom:1px solid #ddd}tr.best td{font-weight:bold}"
+    ".grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,440px),1fr));gap:1em}"
+    "figure{margin:0}figure img{display:block;max-width:100%;height:auto;margin:auto}"
+    "figcaption{text-align:center;color:#555;font-size:90%}.note{color:#555}.wide{overflow-x:auto}"
+)
 
 
 def finite(value):
@@ -63,7 +79,7 @@ def epoch_means(rows, names):
     means, start, prev_step = [], 0, 0
     for i, r in enumerate(rows):
         if r["epoch"] == int(r["epoch"]) and r["epoch"] > 0:  # the row that closes an epoch
-            chunk = rows[start:i + 1]
+            chunk = rows[start : i + 1]
             steps = np.diff([prev_step] + [c["step"] for c in chunk])
             means.append((r["epoch"], {n: float(np.average([c[n] for c in chunk], weights=steps)) for n in names}))
             start, prev_step = i + 1, r["step"]
@@ -88,17 +104,37 @@ def run_data(output_dir, decay_epoch=None):
     if decay_epoch is None:
         decay_epoch = logged_decay(rows)
     curves = names + [k for k in Y_LABELS if any(finite(m.get(f"{k}_{d}")) for m in metrics for d in DIRECTIONS)]
-    return {"rows": rows, "means": epoch_means(rows, names), "metrics": metrics, "curves": curves,
-            "decay_epoch": decay_epoch if isinstance(decay_epoch, int | float) else None}
+    return {
+        "rows": rows,
+        "means": epoch_means(rows, names),
+        "metrics": metrics,
+        "curves": curves,
+        "decay_epoch": decay_epoch if isinstance(decay_epoch, int | float) else None,
+    }
 
 
 def plot_loss(ax, name, data):
     """One column of losses.csv: the interval means as a thin line, the epoch means as markers on a line."""
     rows, means = data["rows"], data["means"]
-    ax.plot([r["epoch"] for r in rows], [r[name] for r in rows], lw=0.8, color="C0", alpha=0.7,
-            label="interval mean", gid="interval-mean")
-    ax.plot([e for e, _ in means], [m[name] for _, m in means], "o-", ms=4, lw=1.2, color="C1",
-            label="epoch mean", gid="epoch-mean")
+    ax.plot(
+        [r["epoch"] for r in rows],
+        [r[name] for r in rows],
+        lw=0.8,
+        color="C0",
+        alpha=0.7,
+        label="interval mean",
+        gid="interval-mean",
+    )
+    ax.plot(
+        [e for e, _ in means],
+        [m[name] for _, m in means],
+        "o-",
+        ms=4,
+        lw=1.2,
+        color="C1",
+        label="epoch mean",
+        gid="epoch-mean",
+    )
 
 
 def plot_metric(ax, kind, data):
@@ -110,8 +146,16 @@ def plot_metric(ax, kind, data):
             ax.plot(x, [m[f"fid_{d}"] for m in rows], "o-", ms=4, color=color, label=d, gid=f"fid-{d}")
             continue
         std = [100 * m.get(f"kid_std_{d}", math.nan) for m in rows]
-        bars = ax.errorbar(x, [100 * m[f"kid_{d}"] for m in rows], yerr=[s if math.isfinite(s) else 0 for s in std],
-                           fmt="o-", ms=4, capsize=3, color=color, label=d)
+        bars = ax.errorbar(
+            x,
+            [100 * m[f"kid_{d}"] for m in rows],
+            yerr=[s if math.isfinite(s) else 0 for s in std],
+            fmt="o-",
+            ms=4,
+            capsize=3,
+            color=color,
+            label=d,
+        )
         bars.lines[0].set_gid(f"kid-{d}")  # the line of the means: what a test counts
 
 
@@ -153,8 +197,11 @@ def drawing_keys(data):
     epochs = [r["epoch"] for r in data["rows"]] + [m["epoch"] for m in data["metrics"]]
     keys = {}
     for name in data["curves"]:
-        shown = ([[m["epoch"]] + [m.get(f"{k}_{d}") for d in DIRECTIONS for k in (name, "kid_std")]
-                  for m in data["metrics"]] if name in Y_LABELS else [[r["epoch"], r[name]] for r in data["rows"]])
+        shown = (
+            [[m["epoch"]] + [m.get(f"{k}_{d}") for d in DIRECTIONS for k in (name, "kid_std")] for m in data["metrics"]]
+            if name in Y_LABELS
+            else [[r["epoch"], r[name]] for r in data["rows"]]
+        )
         about = repr((name, shown, data["decay_epoch"], max(epochs, default=None), code))
         keys[f"{name}.svg"] = hashlib.sha256(about.encode()).hexdigest()
     keys["overview.png"] = hashlib.sha256(repr((sorted(keys.items()), data["name"])).encode()).hexdigest()
@@ -174,6 +221,7 @@ def draw_plots(plots, data):
         return []
     import matplotlib
     from matplotlib.figure import Figure  # no pyplot: no global figure list, no display backend, Agg for the PNG
+
     plots.mkdir(exist_ok=True)
     manifest.unlink(missing_ok=True)  # a redraw stopped halfway leaves no key for a file it did not finish
     written, curves = [], data["curves"]
@@ -193,6 +241,7 @@ def draw_plots(plots, data):
 def draw_overview(path, data):
     """plots/overview.png: every curve as a small panel, four to a row, one legend for the losses."""
     from matplotlib.figure import Figure
+
     curves = data["curves"]
     n_rows = -(-len(curves) // OVERVIEW_COLUMNS)
     fig = Figure(figsize=(OVERVIEW_COLUMNS * OVERVIEW_PANEL[0], n_rows * OVERVIEW_PANEL[1]))
@@ -200,7 +249,7 @@ def draw_overview(path, data):
     axes = fig.subplots(n_rows, OVERVIEW_COLUMNS, squeeze=False).ravel()
     for ax, name in zip(axes, curves):
         panel(ax, name, data, small=True)
-    for ax in axes[len(curves):]:
+    for ax in axes[len(curves) :]:
         ax.set_visible(False)
     # One legend for the loss panels: the same entries on each would hide the curves.
     handles = dict(zip(*reversed(axes[0].get_legend_handles_labels())))
@@ -246,10 +295,19 @@ def metrics_table(metrics, kept=None):
         cells = [number(m["epoch"], "g"), number(m.get("step", math.nan), ".0f")]
         for d in DIRECTIONS:
             kid, std = 100 * m.get(f"kid_{d}", math.nan), 100 * m.get(f"kid_std_{d}", math.nan)
-            cells += [number(m.get(f"fid_{d}", math.nan)), f"{number(kid)} ± {number(std)}" if finite(std) else number(kid)]
-        cells += [number(sums[i]), " · ".join(["best"] * (i == best) + ["kept as best_netG_*"] * (m["epoch"] == kept))]
-        lines.append(f"<tr{' class=best' if i == best else ''}>"
-                     + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+            cells += [
+                number(m.get(f"fid_{d}", math.nan)),
+                f"{number(kid)} ± {number(std)}" if finite(std) else number(kid),
+            ]
+        notes = []
+        if i == best:
+            notes.append("best")
+        if m["epoch"] == kept:
+            notes.append("kept as best_netG_*")
+        cells += [number(sums[i]), " · ".join(notes)]
+        lines.append(
+            f"<tr{' class=best' if i == best else ''}>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
+        )
     return "\n".join(lines + ["</table>"])
 
 
@@ -265,16 +323,20 @@ def sample_grids(output_dir):
 
 def figure_html(src, caption, alt):
     """One <figure>: the image, linked to itself, and its caption."""
-    return (f'<figure><a href="{quote(src)}"><img src="{quote(src)}" alt="{html.escape(alt)}" loading="lazy"></a>'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return (
+        f'<figure><a href="{quote(src)}"><img src="{quote(src)}" alt="{html.escape(alt)}" loading="lazy"></a>'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
 
 
 def page_html(output_dir, data):
     """training.html: where the run stands, the curves, the metrics table and the sample grids, newest first."""
     out = Path(output_dir)
     name = html.escape(data["name"])
-    parts = [f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>CycleGAN training: {name}</title>'
-             f"<style>{PAGE_STYLE}</style></head><body>\n<h1>CycleGAN training: {name}</h1>"]
+    parts = [
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>CycleGAN training: {name}</title>'
+        f"<style>{PAGE_STYLE}</style></head><body>\n<h1>CycleGAN training: {name}</h1>"
+    ]
     last = data["rows"][-1] if data["rows"] else {}
     status = f"last logged: step {last['step']:.0f}, epoch {last['epoch']:.2f}" if last else "nothing logged yet"
     if finite(last.get("seconds")):
@@ -285,15 +347,24 @@ def page_html(output_dir, data):
         links += ' · <a href="plots/overview.png">all curves in one PNG</a>'
     parts.append(f'<p class="note">{html.escape(status)}{links}</p>')
     if data["curves"]:
-        parts.append("<h2>Curves</h2>\n<div class=\"grid\">" + "".join(
-            figure_html(f"plots/{c}.svg", f"{c}.svg", TITLES[c]) for c in data["curves"]) + "</div>")
+        parts.append(
+            '<h2>Curves</h2>\n<div class="grid">'
+            + "".join(figure_html(f"plots/{c}.svg", f"{c}.svg", TITLES[c]) for c in data["curves"])
+            + "</div>"
+        )
     if data["metrics"]:
-        parts += ["<h2>FID and KID</h2>", f'<div class="wide">{metrics_table(data["metrics"], kept_epoch(out))}</div>',
-                  '<p class="note">translations of the test images against the real ones of the other domain</p>']
+        parts += [
+            "<h2>FID and KID</h2>",
+            f'<div class="wide">{metrics_table(data["metrics"], kept_epoch(out))}</div>',
+            '<p class="note">translations of the test images against the real ones of the other domain</p>',
+        ]
     grids = sample_grids(out)
     if grids:
-        parts.append("<h2>Samples, newest first</h2>\n<div class=\"grid\">" + "".join(
-            figure_html(src, f"epoch {epoch}", f"samples after epoch {epoch}") for epoch, src in grids) + "</div>")
+        parts.append(
+            '<h2>Samples, newest first</h2>\n<div class="grid">'
+            + "".join(figure_html(src, f"epoch {epoch}", f"samples after epoch {epoch}") for epoch, src in grids)
+            + "</div>"
+        )
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
@@ -374,8 +445,13 @@ class Background:
         try:
             # A session of its own: Ctrl-C stops the training, which then asks for the last redraw; it does not
             # kill the redraw halfway with a traceback. stderr is the training's, for the one warning line.
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL if self.failed else None, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL if self.failed else None,
+                start_new_session=True,
+            )
             self.drawn = inputs
         except OSError as e:  # no interpreter to run (a removed environment): one line, the training goes on
             self.proc = None
@@ -404,9 +480,13 @@ def get_parser():
     """The command line: a run's folder, and where the lr decay starts."""
     p = argparse.ArgumentParser(description="Redraw the curves and training.html of a run from its files.")
     p.add_argument("output_dir", help="the run's folder (train.py's --output_dir): losses.csv, metrics.csv, samples/")
-    p.add_argument("--decay_epoch", type=float, default=None,
-                   help="train.py's --decay_epoch N: the lr falls from N + 1 epochs done on, marked there "
-                        "(default: from OUTPUT_DIR/checkpoint.pth)")
+    p.add_argument(
+        "--decay_epoch",
+        type=float,
+        default=None,
+        help="train.py's --decay_epoch N: the lr falls from N + 1 epochs done on, marked there "
+        "(default: from OUTPUT_DIR/checkpoint.pth)",
+    )
     p.add_argument("--quiet", action="store_true", help="no line when all went well (the background redraw)")
     return p
 
@@ -422,8 +502,11 @@ def main(args):
         written = draw(out, args.decay_epoch)
     except Exception as e:  # a bad file, a full disk, an unwritable plots/: one line, and a training run goes on
         message = " ".join(f"{type(e).__name__}: {e}".split())  # one line, whatever the message holds
-        print(f"warning: figures not drawn ({message}); training goes on without them, and `python figures.py "
-              f"{out}` draws them once the cause is fixed", file=sys.stderr)
+        print(
+            f"warning: figures not drawn ({message}); training goes on without them, and `python figures.py "
+            f"{out}` draws them once the cause is fixed",
+            file=sys.stderr,
+        )
         return 2
     if not args.quiet:
         print(f"wrote {len(written)} files: {shown(out / 'training.html')}, {shown(out / 'plots')}/")

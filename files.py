@@ -1,5 +1,6 @@
 """Files written safely: every writer goes through write_atomic, and the CSV histories a run appends to. No torch here:
 figures.py redraws with this alone."""
+
 import csv
 import math
 import os
@@ -53,6 +54,7 @@ def write_png(picture, path):
     """A (C, H, W) uint8 picture (numpy, or a CPU tensor; C = 1 is written gray) as PNG, atomically."""
     import numpy as np
     from PIL import Image
+
     pixels = np.asarray(picture).transpose(1, 2, 0)  # (H, W, C)
     image = Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels)
     return write_atomic(path, lambda f: image.save(f, format="PNG"))
@@ -65,7 +67,7 @@ def read_rows(path, text=()):
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
         content = f.read()
     if not content.endswith("\n"):
-        content = content[:content.rfind("\n") + 1]
+        content = content[: content.rfind("\n") + 1]
     rows = []
     for r in csv.DictReader(content.splitlines(keepends=True)):
         try:
@@ -83,8 +85,11 @@ def keep_rows(path, columns, key, last, text=()):
     `key` and "step" come back as ints, the rest as floats."""
     path, rows = Path(path), []
     if path.exists() and last is not None:
-        rows = [{**r, **{k: int(r[k]) for k in (key, "step") if k in r and math.isfinite(r[k])}}
-                for r in read_rows(path, text) if math.isfinite(r.get(key, math.nan)) and r[key] <= last]
+        rows = [
+            {**r, **{k: int(r[k]) for k in (key, "step") if k in r and math.isfinite(r[k])}}
+            for r in read_rows(path, text)
+            if math.isfinite(r.get(key, math.nan)) and r[key] <= last
+        ]
     elif path.exists():
         path.rename(path.with_name(f"{path.stem}.{int(path.stat().st_mtime)}{path.suffix}"))
 
@@ -92,6 +97,7 @@ def keep_rows(path, columns, key, last, text=()):
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows({k: r.get(k, math.nan) for k in columns} for r in rows)
+
     write_atomic(path, write, "w", newline="")
     return rows
 

@@ -19,6 +19,7 @@ tables compare to about that. Every image is decoded by this repository's loader
 sides. KID is the unbiased MMD^2 with the polynomial kernel (x.y / d + 1)^3, mean and std over 100 subsets of
 min(1000, smaller set); when both sets have that size every subset is the whole of both, and the std is NaN.
 """
+
 import hashlib
 import math
 import os
@@ -35,10 +36,10 @@ from torch_fidelity.defaults import DEFAULTS
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from datasets import list_images, load_image, test_images
-from models import padded_size, translate
 from checkpoints import load_weights
+from datasets import list_images, load_image, test_images
 from files import append_row, keep_rows, shown
+from models import padded_size, translate
 from runtime import BYTES_PER_PIXEL, precision
 from utils import first_line, to_uint8
 
@@ -58,9 +59,11 @@ def hub_file():
 
 def missing_weights(reason):
     """The one line for Inception weights that are not on disk and could not be downloaded."""
-    return (f"FID/KID need the Inception weights, which are not in {shown(hub_file().parent)} and could not be "
-            f"downloaded ({reason}): fetch {URL_INCEPTION_V3} on a machine with internet and put it in that folder, "
-            f"or pass --fid_weights PATH")
+    return (
+        f"FID/KID need the Inception weights, which are not in {shown(hub_file().parent)} and could not be "
+        f"downloaded ({reason}): fetch {URL_INCEPTION_V3} on a machine with internet and put it in that folder, "
+        f"or pass --fid_weights PATH"
+    )
 
 
 @lru_cache
@@ -79,8 +82,10 @@ def weights_sha256(path):
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise ValueError(f"--fid_weights {shown(path)} does not exist: pass the Inception weights file "
-                         f"({os.path.basename(hub_file())})") from None
+        raise ValueError(
+            f"--fid_weights {shown(path)} does not exist: pass the Inception weights file "
+            f"({os.path.basename(hub_file())})"
+        ) from None
     return _checked_sha256(str(path), st.st_size, st.st_mtime_ns)
 
 
@@ -141,7 +146,12 @@ def sizes_of(data, which):
             try:
                 with Image.open(data.files[i]) as img:
                     w, h = img.size
-                    if img.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):  # turned a quarter, as load_image does
+                    if img.getexif().get(ExifTags.Base.Orientation) in (
+                        5,
+                        6,
+                        7,
+                        8,
+                    ):  # turned a quarter, as load_image does
                         w, h = h, w
             except OSError as e:
                 raise ValueError(f"{which} image {shown(data.files[i])} cannot be read ({first_line(e)})") from None
@@ -173,12 +183,24 @@ def evaluate(fake, real, *, cuda=False, cache_name=None, cache_root=None, weight
     # Loader workers decode files in parallel; for tensors in memory, or a few files, starting them costs more.
     workers = all(isinstance(d, Decoded) and len(d) >= 256 for d in data.values())
     one_size = len(sets["fake"]["sizes"]) == len(sets["real"]["sizes"]) == 1
-    kwargs = dict(input1=data["fake"], input2=data["real"], input2_cache_name=cache_name, cache=cache_name is not None,
-                  cache_root=cache_root, cuda=cuda, fid=True, kid=True, feature_extractor=extractor,
-                  feature_extractor_weights_path=None if weights is None else str(weights),
-                  kid_subsets=KID_SUBSETS, kid_subset_size=subset, rng_seed=KID_SEED, verbose=False,
-                  batch_size=64 if one_size else 1,  # the library's DataLoader stacks a batch: one size per batch
-                  save_cpu_ram=not workers)
+    kwargs = dict(
+        input1=data["fake"],
+        input2=data["real"],
+        input2_cache_name=cache_name,
+        cache=cache_name is not None,
+        cache_root=cache_root,
+        cuda=cuda,
+        fid=True,
+        kid=True,
+        feature_extractor=extractor,
+        feature_extractor_weights_path=None if weights is None else str(weights),
+        kid_subsets=KID_SUBSETS,
+        kid_subset_size=subset,
+        rng_seed=KID_SEED,
+        verbose=False,
+        batch_size=64 if one_size else 1,  # the library's DataLoader stacks a batch: one size per batch
+        save_cpu_ram=not workers,
+    )
     # DataLoader iterators draw a seed from torch's generator: fork it, so that training's streams stay exact.
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
         try:
@@ -189,16 +211,22 @@ def evaluate(fake, real, *, cuda=False, cache_name=None, cache_root=None, weight
             raise
         except RuntimeError as e:
             if weights is not None and "state_dict" in str(e):
-                raise ValueError(f"--fid_weights {shown(weights)} is not a state_dict of {extractor} "
-                                 f"({first_line(e)[:200]})") from None
+                raise ValueError(
+                    f"--fid_weights {shown(weights)} is not a state_dict of {extractor} ({first_line(e)[:200]})"
+                ) from None
             raise
     if path is not None and path.is_file():  # downloaded just now
         ident = weights_sha256(path)[:16]
     # Sets of one size with subsets of that size: every subset is the whole of both, and the std says nothing.
     whole = subset == sets["fake"]["count"] == sets["real"]["count"]
-    return {"fid": r[torch_fidelity.KEY_METRIC_FID], "kid_mean": r[torch_fidelity.KEY_METRIC_KID_MEAN],
-            "kid_std": math.nan if whole else r[torch_fidelity.KEY_METRIC_KID_STD], "kid_subset_size": subset,
-            "weights": ident, **sets}
+    return {
+        "fid": r[torch_fidelity.KEY_METRIC_FID],
+        "kid_mean": r[torch_fidelity.KEY_METRIC_KID_MEAN],
+        "kid_std": math.nan if whole else r[torch_fidelity.KEY_METRIC_KID_STD],
+        "kid_subset_size": subset,
+        "weights": ident,
+        **sets,
+    }
 
 
 def protocol(*, weights=None, extractor=None):
@@ -215,17 +243,37 @@ def protocol(*, weights=None, extractor=None):
         if extractor == INCEPTION:  # torch.hub's convention: the file name carries the first digits of its sha256
             prefix = torch.hub.HASH_REGEX.search(os.path.basename(URL_INCEPTION_V3))[1]
             about.update(url=URL_INCEPTION_V3, same_as_library=sha.startswith(prefix))
-    return {"library": "torch-fidelity", "version": torch_fidelity.__version__, "feature_extractor": extractor,
-            "feature_layer": {m: cls.get_default_feature_layer_for_metric(m) for m in ("fid", "kid")},
-            "weights": about, "images": "8-bit as decoded (gray repeated to RGB); the extractor resizes them itself",
-            "kid": {"estimator": "unbiased MMD^2", "kernel": "(x.y / d + 1)^3", "subsets": KID_SUBSETS,
-                    "subset_size": f"min({KID_SUBSET_SIZE}, smaller set)", "seed": KID_SEED}}
+    return {
+        "library": "torch-fidelity",
+        "version": torch_fidelity.__version__,
+        "feature_extractor": extractor,
+        "feature_layer": {m: cls.get_default_feature_layer_for_metric(m) for m in ("fid", "kid")},
+        "weights": about,
+        "images": "8-bit as decoded (gray repeated to RGB); the extractor resizes them itself",
+        "kid": {
+            "estimator": "unbiased MMD^2",
+            "kernel": "(x.y / d + 1)^3",
+            "subsets": KID_SUBSETS,
+            "subset_size": f"min({KID_SUBSET_SIZE}, smaller set)",
+            "seed": KID_SEED,
+        },
+    }
 
 
 # ---- During training (train.py --eval_freq K): the test split, translated by the current generators ----
 
-COLUMNS = ["epoch", "step", "seconds", "fid_A2B", "kid_A2B", "kid_std_A2B", "fid_B2A", "kid_B2A", "kid_std_B2A",
-           "weights"]  # weights: the first 16 hex digits of the extractor's weights file's sha256 (its name if none)
+COLUMNS = [
+    "epoch",
+    "step",
+    "seconds",
+    "fid_A2B",
+    "kid_A2B",
+    "kid_std_A2B",
+    "fid_B2A",
+    "kid_B2A",
+    "kid_std_B2A",
+    "weights",
+]  # weights: the first 16 hex digits of the extractor's weights file's sha256 (its name if none)
 
 
 class Tracker:
@@ -235,8 +283,17 @@ class Tracker:
     a name drawn from the files (paths, sizes, times), so each evaluation extracts only the translations. Rows after
     the epoch a run resumes from are dropped: that epoch is trained again and evaluated again."""
 
-    def __init__(self, output_dir, dataroot, input_nc, output_nc, resumed_epoch=None, device=torch.device("cpu"),
-                 weights=None, max_pixels=math.inf):
+    def __init__(
+        self,
+        output_dir,
+        dataroot,
+        input_nc,
+        output_nc,
+        resumed_epoch=None,
+        device=torch.device("cpu"),
+        weights=None,
+        max_pixels=math.inf,
+    ):
         if weights is not None:
             weights_sha256(weights)  # a wrong --fid_weights is said now, not hours later at the first evaluation
         self.path, self.weights = Path(output_dir) / "metrics.csv", weights
@@ -244,34 +301,53 @@ class Tracker:
         for domain, nc in (("A", input_nc), ("B", output_nc)):
             images, self.files[domain] = test_images(dataroot, domain, nc)
             if len(images) < 2:
-                raise ValueError(f"--eval_freq: FID and KID need at least 2 readable images in test/{domain} of "
-                                 f"{shown(dataroot)}; it has {len(images)}")
+                raise ValueError(
+                    f"--eval_freq: FID and KID need at least 2 readable images in test/{domain} of "
+                    f"{shown(dataroot)}; it has {len(images)}"
+                )
             for x, path in zip(images, self.files[domain]):
                 need = math.prod(padded_size(*x.shape[-2:]))
                 if need > max_pixels:  # whole images, as test.py writes them: say so before training, not at its end
-                    raise ValueError(f"--eval_freq: {shown(path)} ({x.shape[-1]}x{x.shape[-2]} px) needs about "
-                                     f"{need * BYTES_PER_PIXEL / 1e9:.1f} GB to translate whole, "
-                                     f"{max_pixels * BYTES_PER_PIXEL / 1e9:.1f} GB are free: train without --eval_freq "
-                                     f"and measure afterwards with python test.py --metrics --max_size N")
+                    raise ValueError(
+                        f"--eval_freq: {shown(path)} ({x.shape[-1]}x{x.shape[-2]} px) needs about "
+                        f"{need * BYTES_PER_PIXEL / 1e9:.1f} GB to translate whole, "
+                        f"{max_pixels * BYTES_PER_PIXEL / 1e9:.1f} GB are free: train without --eval_freq "
+                        f"and measure afterwards with python test.py --metrics --max_size N"
+                    )
             self.real[domain] = [to_uint8(x) for x in images]
-            key = hashlib.sha256(repr([(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns, nc)
-                                       for p in self.files[domain]]).encode()).hexdigest()[:16]
+            key = hashlib.sha256(
+                repr(
+                    [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns, nc) for p in self.files[domain]]
+                ).encode()
+            ).hexdigest()[:16]
             self.cache[domain] = f"cyclegan-test-{domain}-{key}"
         self.rows = keep_rows(self.path, COLUMNS, "epoch", resumed_epoch, text=("weights",))
 
     def due(self, epoch, every, n_epochs):
         """Whether epoch (a number of epochs done) is one to evaluate, and has not been evaluated yet."""
-        return every > 0 and epoch > 0 and (epoch % every == 0 or epoch == n_epochs) and \
-            all(r["epoch"] != epoch for r in self.rows)
+        return (
+            every > 0
+            and epoch > 0
+            and (epoch % every == 0 or epoch == n_epochs)
+            and all(r["epoch"] != epoch for r in self.rows)
+        )
 
     def evaluate(self, G_A2B, G_B2A, epoch, step, seconds, device):
         """Translate both test domains (as test.py would write them), score them, append the row and return it."""
         row = {"epoch": epoch, "step": step, "seconds": round(seconds, 3)}
         for src, dst, G in (("A", "B", G_A2B), ("B", "A", G_B2A)):
             fake = translations(G, self.real[src], device)
-            r = evaluate(fake, self.real[dst], cuda=device.type == "cuda", cache_name=self.cache[dst], weights=self.weights)
-            row.update({f"fid_{src}2{dst}": r["fid"], f"kid_{src}2{dst}": r["kid_mean"], f"kid_std_{src}2{dst}": r["kid_std"],
-                        "weights": r["weights"]})
+            r = evaluate(
+                fake, self.real[dst], cuda=device.type == "cuda", cache_name=self.cache[dst], weights=self.weights
+            )
+            row.update(
+                {
+                    f"fid_{src}2{dst}": r["fid"],
+                    f"kid_{src}2{dst}": r["kid_mean"],
+                    f"kid_std_{src}2{dst}": r["kid_std"],
+                    "weights": r["weights"],
+                }
+            )
         append_row(self.path, COLUMNS, row)  # first: a row that is not on disk is not one of the run's
         self.rows.append(row)
         return row

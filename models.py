@@ -4,6 +4,7 @@ Layer order and state-dict keys match aitorzip/PyTorch-CycleGAN and the authors'
 generators, so their .pth files load with strict=True; load_generator also reads other
 implementations' ResNet generators by matching layers by order and shape.
 """
+
 from functools import partial
 
 import torch
@@ -20,8 +21,13 @@ class ResidualBlock(nn.Module):
         super().__init__()
         norm = partial(nn.InstanceNorm2d, affine=affine)
         self.conv_block = nn.Sequential(
-            nn.ReflectionPad2d(1), nn.Conv2d(in_features, in_features, 3), norm(in_features), nn.ReLU(inplace=True),
-            nn.ReflectionPad2d(1), nn.Conv2d(in_features, in_features, 3), norm(in_features),
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(in_features, in_features, 3),
+            norm(in_features),
+            nn.ReLU(inplace=True),
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(in_features, in_features, 3),
+            norm(in_features),
         )
 
     def forward(self, x):
@@ -40,12 +46,19 @@ class Generator(nn.Module):
         layers = [nn.ReflectionPad2d(3), nn.Conv2d(input_nc, 64, 7), norm(64), nn.ReLU(inplace=True)]
         features = 64
         for _ in range(2):  # downsample
-            layers += [nn.Conv2d(features, features * 2, 3, stride=2, padding=1), norm(features * 2), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(features, features * 2, 3, stride=2, padding=1),
+                norm(features * 2),
+                nn.ReLU(inplace=True),
+            ]
             features *= 2
         layers += [ResidualBlock(features, affine) for _ in range(n_residual_blocks)]
         for _ in range(2):  # upsample
-            layers += [nn.ConvTranspose2d(features, features // 2, 3, stride=2, padding=1, output_padding=1),
-                       norm(features // 2), nn.ReLU(inplace=True)]
+            layers += [
+                nn.ConvTranspose2d(features, features // 2, 3, stride=2, padding=1, output_padding=1),
+                norm(features // 2),
+                nn.ReLU(inplace=True),
+            ]
             features //= 2
         layers += [nn.ReflectionPad2d(3), nn.Conv2d(64, output_nc, 7), nn.Tanh()]
         self.model = nn.Sequential(*layers)
@@ -70,13 +83,18 @@ class AttentionGenerator(nn.Module):
 
     def forward(self, x, attention=False):
         content, a = self.parts(x)
-        out = a * content + (1 - a) * x
+        out = blend(content, a, x)
         return (out, a) if attention else out
 
     def parts(self, x):
         """(content, a): (B, C, H, W) in [-1, 1] and (B, 1, H, W) in [0, 1], before the blend."""
         y = self.model(x)
         return torch.tanh(y[:, :-1]), torch.sigmoid(y[:, -1:] + self.OFFSET)
+
+
+def blend(content, a, x):
+    """An attention generator's output: its content where the map a is 1, the input x where it is 0."""
+    return a * content + (1 - a) * x
 
 
 def generator(input_nc, output_nc, n_blocks=9, attention=False):
@@ -95,10 +113,17 @@ class Discriminator(nn.Module):
     def __init__(self, input_nc):
         super().__init__()
         self.model = nn.Sequential(
-            nn.Conv2d(input_nc, 64, 4, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(64, 128, 4, stride=2, padding=1), nn.InstanceNorm2d(128), nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(128, 256, 4, stride=2, padding=1), nn.InstanceNorm2d(256), nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(256, 512, 4, padding=1), nn.InstanceNorm2d(512), nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(input_nc, 64, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(64, 128, 4, stride=2, padding=1),
+            nn.InstanceNorm2d(128),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(128, 256, 4, stride=2, padding=1),
+            nn.InstanceNorm2d(256),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(256, 512, 4, padding=1),
+            nn.InstanceNorm2d(512),
+            nn.LeakyReLU(0.2, inplace=True),
             nn.Conv2d(512, 1, 4, padding=1),
         )
 
@@ -133,7 +158,7 @@ def max_scales(size, smallest=24):
     """The most discriminator scales a size x size crop allows: the coarsest, ceil(size / 2^(K-1)) px, must be at
     least `smallest`, the PatchGAN's minimum input (three stride-2 convolutions, then two 4x4 ones)."""
     k = 1
-    while -(-size // 2 ** k) >= smallest:
+    while -(-size // 2**k) >= smallest:
         k += 1
     return k
 
@@ -148,8 +173,8 @@ class SlicedReflectionPad2d(nn.Module):
 
     def forward(self, x):
         p = self.p
-        x = torch.cat([x[..., 1:p + 1].flip(-1), x, x[..., -p - 1:-1].flip(-1)], -1)
-        return torch.cat([x[..., 1:p + 1, :].flip(-2), x, x[..., -p - 1:-1, :].flip(-2)], -2)
+        x = torch.cat([x[..., 1 : p + 1].flip(-1), x, x[..., -p - 1 : -1].flip(-1)], -1)
+        return torch.cat([x[..., 1 : p + 1, :].flip(-2), x, x[..., -p - 1 : -1, :].flip(-2)], -2)
 
 
 def use_sliced_padding(net):
@@ -220,25 +245,37 @@ def load_generator(path, input_nc=3, output_nc=3):
     affine = n_vectors == n_convs + 2 * (n_convs - 1)  # every conv but the last is followed by a norm
     n_others = len(state) - n_convs - n_vectors
     if n_convs < 6 or n_convs % 2 or n_vectors not in (n_convs, n_convs + 2 * (n_convs - 1)) or n_others:
-        raise ValueError(f"{path} is not a CycleGAN ResNet generator: expected 6 + 2n conv weights (4-D) with a bias each, "
-                         f"and optionally a weight and bias per InstanceNorm; found {n_convs} 4-D, {n_vectors} 1-D and "
-                         f"{n_others} other tensors")
+        raise ValueError(
+            f"{path} is not a CycleGAN ResNet generator: expected 6 + 2n conv weights (4-D) with a bias each, "
+            f"and optionally a weight and bias per InstanceNorm; found {n_convs} 4-D, {n_vectors} 1-D and "
+            f"{n_others} other tensors"
+        )
     weights = [v for v in state.values() if v.dim() == 4]
     kernels = [tuple(w.shape[-2:]) for w in weights]
     if kernels != [(7, 7)] + [(3, 3)] * (n_convs - 2) + [(7, 7)]:  # c7s1, 3x3 down/residual/up, c7s1
-        what = ("a U-Net generator (the authors' unet_128 / unet_256: 4x4 convolutions down and up)"
-                if set(kernels) == {(4, 4)} else f"not a ResNet generator (its convolutions are "
-                f"{', '.join(f'{h}x{w}' for h, w in dict.fromkeys(kernels))}, not 7x7 then 3x3 then 7x7)")
-        raise ValueError(f"{path} is {what}: this repository's generator is the paper's ResNet one (the authors' "
-                         f"resnet_9blocks / resnet_6blocks), so it cannot load this file")
+        what = (
+            "a U-Net generator (the authors' unet_128 / unet_256: 4x4 convolutions down and up)"
+            if set(kernels) == {(4, 4)}
+            else f"not a ResNet generator (its convolutions are "
+            f"{', '.join(f'{h}x{w}' for h, w in dict.fromkeys(kernels))}, not 7x7 then 3x3 then 7x7)"
+        )
+        raise ValueError(
+            f"{path} is {what}: this repository's generator is the paper's ResNet one (the authors' "
+            f"resnet_9blocks / resnet_6blocks), so it cannot load this file"
+        )
     # One filter more than the image has channels: the attention map of an AttentionGenerator (train.py --attention).
     attention = not affine and input_nc == output_nc == weights[-1].shape[0] - 1
     if (weights[0].shape[1], weights[-1].shape[0] - attention) != (input_nc, output_nc):
-        raise ValueError(f"{path} is not a {input_nc}->{output_nc} channel generator: it translates {weights[0].shape[1]} "
-                         f"to {weights[-1].shape[0]} channels; set the channel counts (--input_nc, --output_nc) to match")
+        raise ValueError(
+            f"{path} is not a {input_nc}->{output_nc} channel generator: it translates {weights[0].shape[1]} "
+            f"to {weights[-1].shape[0]} channels; set the channel counts (--input_nc, --output_nc) to match"
+        )
     n_blocks = (n_convs - 6) // 2
-    build = partial(AttentionGenerator, input_nc, n_blocks) if attention else \
-        partial(Generator, input_nc, output_nc, n_blocks, affine)
+    build = (
+        partial(AttentionGenerator, input_nc, n_blocks)
+        if attention
+        else partial(Generator, input_nc, output_nc, n_blocks, affine)
+    )
     with torch.device("meta"):  # shapes only: a file that claims 1000 blocks costs nothing until its shapes fit
         expected = build().state_dict()
     keys = {k.removeprefix("module."): k for k in state}  # our name -> the file's
@@ -246,15 +283,18 @@ def load_generator(path, input_nc=3, output_nc=3):
         keys = dict(zip(expected, state))
     for name, want in expected.items():
         if state[keys[name]].shape != want.shape:
-            raise ValueError(f"{path} is not a CycleGAN ResNet generator: its tensor {keys[name]} has shape "
-                             f"{tuple(state[keys[name]].shape)} where a {n_blocks}-block generator has {name} of "
-                             f"shape {tuple(want.shape)}")
+            raise ValueError(
+                f"{path} is not a CycleGAN ResNet generator: its tensor {keys[name]} has shape "
+                f"{tuple(state[keys[name]].shape)} where a {n_blocks}-block generator has {name} of "
+                f"shape {tuple(want.shape)}"
+            )
     netG = build()
     netG.load_state_dict({name: state[key] for name, key in keys.items()})
     return netG
 
 
 # ---- The objective: each update's whole loss is one module's forward, so DDP sees one forward per backward ----
+
 
 class GeneratorLoss(nn.Module):
     """Both generators' loss for a batch. The discriminators are inputs, frozen by the caller, not parameters."""
@@ -272,8 +312,11 @@ class GeneratorLoss(nn.Module):
         rec_A, rec_B = for_cycle(self.G_B2A, cyc_B), for_cycle(self.G_A2B, cyc_A)
         loss_G_GAN = lsgan(D_B(fake_B), 1.0) + lsgan(D_A(fake_A), 1.0)
         loss_G_cycle = self.lambda_cycle * (F.l1_loss(rec_A, real_A) + F.l1_loss(rec_B, real_B))
-        loss_G_identity = (self.lambda_cycle * self.lambda_identity * (F.l1_loss(idt_A, real_A) + F.l1_loss(idt_B, real_B))
-                           if identity else real_A.new_zeros((), dtype=torch.float32))
+        loss_G_identity = (
+            self.lambda_cycle * self.lambda_identity * (F.l1_loss(idt_A, real_A) + F.l1_loss(idt_B, real_B))
+            if identity
+            else real_A.new_zeros((), dtype=torch.float32)
+        )
         loss_G = loss_G_GAN + loss_G_cycle + loss_G_identity
         if map_B is not None:  # --attention: smooth maps, part of loss_G (losses.csv keeps its columns)
             loss_G = loss_G + self.lambda_tv * (total_variation(map_A) + total_variation(map_B))
@@ -300,7 +343,9 @@ def generate(G, x, y, identity):
     both, n = torch.cat([x, y]) if identity else x, len(x)
     if isinstance(G, AttentionGenerator):
         content, a = G.parts(both)
-        fake, kept, a = a[:n] * content[:n] + (1 - a[:n]) * x, stopped_blend(content, a, both), a[:n]
+        fake = blend(content[:n], a[:n], x)
+        kept = stopped_blend(content, a, both)
+        a = a[:n]
     else:
         kept, a = G(both), None
         fake = kept[:n]
@@ -314,8 +359,7 @@ def stopped_blend(content, a, x):
     fell to 0 everywhere within an epoch on the demo (a generator that changes nothing makes the cycle loss 0, and
     sigmoid's gradient then vanishes); with the identity loss's, they became a domain detector (0 on the target
     domain) and the content never learned (README: Choosing what is translated)."""
-    kept = a.detach()
-    return kept * content + (1 - kept) * x
+    return blend(content, a.detach(), x)
 
 
 def for_cycle(G, x):

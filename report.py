@@ -1,4 +1,5 @@
 """What a person watches during a run: losses.csv, the progress line, and visdom plots that can never stall training."""
+
 import functools
 import sys
 import threading
@@ -24,8 +25,9 @@ SAMPLE_COLUMNS = ["real", "fake", "reconstructed"]
 
 def sample_grid(images, min_cell=128, pad=4):
     """The six (3, h, w) uint8 samples as one labelled (3, H, W) picture: rows A and B, columns real / fake / rec."""
-    return labelled_grid([[images[n] for n in names] for names in SAMPLE_ROWS.values()], list(SAMPLE_ROWS),
-                         SAMPLE_COLUMNS, min_cell, pad)
+    return labelled_grid(
+        [[images[n] for n in names] for names in SAMPLE_ROWS.values()], list(SAMPLE_ROWS), SAMPLE_COLUMNS, min_cell, pad
+    )
 
 
 def labelled_grid(cells, row_labels, column_labels, min_cell=128, pad=4):
@@ -59,8 +61,9 @@ class Logger:
     output_dir None: a quiet logger (DDP ranks other than 0) that still averages and checks. average: a function
     that averages a (steps, losses) tensor over processes (DDP), applied before anything else."""
 
-    def __init__(self, output_dir, names, batch_size, total_steps, step=0, seconds=0.0, plotter=None,
-                 window=100, average=None):
+    def __init__(
+        self, output_dir, names, batch_size, total_steps, step=0, seconds=0.0, plotter=None, window=100, average=None
+    ):
         self.path = output_dir and Path(output_dir) / "losses.csv"
         self.names, self.batch_size, self.total_steps, self.plotter = names, batch_size, total_steps, plotter
         self.columns = ["step", "epoch", *names, "lr", "seconds"]
@@ -80,15 +83,22 @@ class Logger:
         return time.time() - self.t_start
 
     def begin_epoch(self, epoch, n_epochs, done, steps_per_epoch):
-        self.bar = tqdm(total=steps_per_epoch, initial=done, desc=f"epoch {epoch + 1}/{n_epochs}", unit="step",
-                        disable=not self.tty, dynamic_ncols=True, leave=False)
+        self.bar = tqdm(
+            total=steps_per_epoch,
+            initial=done,
+            desc=f"epoch {epoch + 1}/{n_epochs}",
+            unit="step",
+            disable=not self.tty,
+            dynamic_ncols=True,
+            leave=False,
+        )
 
     def step(self, losses):
         """losses: (len(names),) tensor, copied into a device buffer: one kernel, no sync."""
         if self.pending is None or self.k == len(self.pending):
             grown = losses.new_empty((max(self.window, 2 * self.k), len(self.names)), dtype=torch.float32)
             if self.pending is not None:
-                grown[:self.k] = self.pending
+                grown[: self.k] = self.pending
             self.pending = grown
         self.pending[self.k].copy_(losses.detach())
         self.k += 1
@@ -98,7 +108,7 @@ class Logger:
         """Close the interval ending at `step` (epoch: fractional epochs done); images: name -> (C, H, W) tensor."""
         if not self.k:
             return
-        values = self.pending[:self.k]  # (steps, losses)
+        values = self.pending[: self.k]  # (steps, losses)
         values = (self.average(values) if self.average else values).cpu()
         self.k = 0
         bad = ~torch.isfinite(values)
@@ -106,8 +116,13 @@ class Logger:
             k, j = bad.nonzero()[0].tolist()
             raise FloatingPointError(f"{self.names[j]} became {values[k, j].item()} at step {self.last_step + k + 1}")
         now = time.time()
-        row = {"step": step, "epoch": epoch, **dict(zip(self.names, values.mean(0).tolist())), "lr": lr,
-               "seconds": round(self.seconds(), 3)}
+        row = {
+            "step": step,
+            "epoch": epoch,
+            **dict(zip(self.names, values.mean(0).tolist())),
+            "lr": lr,
+            "seconds": round(self.seconds(), 3),
+        }
         speed = (step - self.last_step) / max(now - self.t_last, 1e-9)
         self.last_step, self.t_last = step, now
         if not self.path:
@@ -115,7 +130,12 @@ class Logger:
         self.rows.append(row)
         append_row(self.path, self.columns, row)
         eta = time.strftime("%H:%M:%S", time.gmtime((self.total_steps - step) / speed))
-        stats = {"G": f"{row['loss_G']:.3f}", "D": f"{row['loss_D']:.3f}", "img/s": f"{speed * self.batch_size:.1f}", "eta": eta}
+        stats = {
+            "G": f"{row['loss_G']:.3f}",
+            "D": f"{row['loss_D']:.3f}",
+            "img/s": f"{speed * self.batch_size:.1f}",
+            "eta": eta,
+        }
         if self.tty:
             self.bar.set_postfix(stats, refresh=False)
         else:
@@ -190,22 +210,28 @@ class VisdomPlotter:
             try:
                 self._update()
                 if self.up is False and self.verbose:
-                    tqdm.write(f"visdom: {self.server}:{self.port} answers now; sent the whole history to env '{self.env}'")
+                    tqdm.write(
+                        f"visdom: {self.server}:{self.port} answers now; sent the whole history to env '{self.env}'"
+                    )
                 self.up = True
             except Exception as e:
                 if self.up is not False and self.verbose:
-                    tqdm.write(f"visdom: cannot reach {self.server}:{self.port} ({type(e).__name__}); training goes on, "
-                               f"and the plots catch up once the server answers (python -m visdom.server)")
+                    tqdm.write(
+                        f"visdom: cannot reach {self.server}:{self.port} ({type(e).__name__}); training goes on, "
+                        f"and the plots catch up once the server answers (python -m visdom.server)"
+                    )
                 self.up = False
             if closing:
                 return
 
     def _connect(self):
         from visdom import Visdom
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            vis = Visdom(self.server, port=self.port, env=self.env, send=False, use_incoming_socket=False,
-                         raise_exceptions=True)
+            vis = Visdom(
+                self.server, port=self.port, env=self.env, send=False, use_incoming_socket=False, raise_exceptions=True
+            )
         session = requests.Session()
         # The client sets no timeout: one dropped connection would hang its thread for good.
         session.request = functools.partial(session.request, timeout=self.timeout)
@@ -215,13 +241,13 @@ class VisdomPlotter:
     def _update(self):
         self.vis = self.vis or self._connect()
         with self.lock:
-            rows, images = self.rows[:self.n_rows], self.images
+            rows, images = self.rows[: self.n_rows], self.images
         if self.env not in self.vis.get_env_list() or not self.vis.win_exists(self.MARKER, env=self.env):
             self.sent = self.sent_epochs = self.sent_metrics = 0
             self.sent_sheet = None
         if self.sent == 0 and rows:
             self.vis.text(f"CycleGAN run: {self.env}", win=self.MARKER, env=self.env)
-        new = rows[self.sent:]
+        new = rows[self.sent :]
         epochs = epoch_means(rows, self.names + ["lr"])
         for name in self.names + ["lr"]:
             if new:
@@ -229,19 +255,39 @@ class VisdomPlotter:
                 if name == "lr":  # plotly centres a constant line in [lr - 1, lr + 1], where its tick reads 0
                     top = 1.1 * max(r["lr"] for r in rows) or 1.0  # the schedule never raises lr: set once per window
                     opts["layoutopts"] = {"plotly": {"yaxis": {"range": [0, top], "tickformat": "~g"}}}  # 0.0002
-                self.vis.line(X=np.array([r["epoch"] for r in new]), Y=np.array([r[name] for r in new]), win=name,
-                              env=self.env, name="interval mean", update="append" if self.sent else None, opts=opts)
+                self.vis.line(
+                    X=np.array([r["epoch"] for r in new]),
+                    Y=np.array([r[name] for r in new]),
+                    win=name,
+                    env=self.env,
+                    name="interval mean",
+                    update="append" if self.sent else None,
+                    opts=opts,
+                )
             if len(epochs) > self.sent_epochs and name != "lr":
-                done = epochs[self.sent_epochs:]
-                self.vis.line(X=np.array([e for e, _ in done]), Y=np.array([m[name] for _, m in done]), win=name,
-                              env=self.env, name="epoch mean", update="append")
+                done = epochs[self.sent_epochs :]
+                self.vis.line(
+                    X=np.array([e for e, _ in done]),
+                    Y=np.array([m[name] for _, m in done]),
+                    win=name,
+                    env=self.env,
+                    name="epoch mean",
+                    update="append",
+                )
         self.sent, self.sent_epochs = len(rows), len(epochs)
         if images and rows:
             grid = sample_grid(images)  # built here, not in the training thread
-            self.vis.image(grid, win="batch", env=self.env, opts=dict(
-                title=f"training batch at step {rows[-1]['step']} (epoch {rows[-1]['epoch']:.2f})",
-                caption="row A: real_A, fake_B = G_A2B(real_A), rec_A = G_B2A(fake_B); row B: the same from B",
-                width=grid.shape[2] + 20, height=grid.shape[1] + 60))
+            self.vis.image(
+                grid,
+                win="batch",
+                env=self.env,
+                opts=dict(
+                    title=f"training batch at step {rows[-1]['step']} (epoch {rows[-1]['epoch']:.2f})",
+                    caption="row A: real_A, fake_B = G_A2B(real_A), rec_A = G_B2A(fake_B); row B: the same from B",
+                    width=grid.shape[2] + 20,
+                    height=grid.shape[1] + 60,
+                ),
+            )
         self._update_epoch()
 
     def _update_epoch(self):
@@ -250,25 +296,60 @@ class VisdomPlotter:
             sheet, metrics = self.sheet, self.metrics or []
         if sheet is not None and sheet is not self.sent_sheet:
             epoch, grid = sheet
-            self.vis.image(grid, win="samples", env=self.env, opts=dict(
-                title=f"test images after epoch {epoch}", caption="the same images every epoch (samples/)",
-                width=grid.shape[2] + 20, height=grid.shape[1] + 60))
+            self.vis.image(
+                grid,
+                win="samples",
+                env=self.env,
+                opts=dict(
+                    title=f"test images after epoch {epoch}",
+                    caption="the same images every epoch (samples/)",
+                    width=grid.shape[2] + 20,
+                    height=grid.shape[1] + 60,
+                ),
+            )
             self.sent_sheet = sheet
         if len(metrics) > self.sent_metrics:
             for name, scale in (("fid", 1), ("kid", 100)):  # KID x 100, as figures.py and papers' tables show it
                 Y = scale * np.array([[r[f"{name}_A2B"], r[f"{name}_B2A"]] for r in metrics])
-                self.vis.line(X=np.array([[r["epoch"]] * 2 for r in metrics]), Y=Y, win=name, env=self.env,
-                              opts=dict(title=name.upper() + " ×100" * (scale == 100), xlabel="epoch",
-                                        legend=["A2B", "B2A"], markers=True))
+                self.vis.line(
+                    X=np.array([[r["epoch"]] * 2 for r in metrics]),
+                    Y=Y,
+                    win=name,
+                    env=self.env,
+                    opts=dict(
+                        title=name.upper() + " ×100" * (scale == 100),
+                        xlabel="epoch",
+                        legend=["A2B", "B2A"],
+                        markers=True,
+                    ),
+                )
             self.sent_metrics = len(metrics)
+
+
+def ddp_mean(x, world_size):
+    """x summed over torchrun's processes (in place), divided by their number."""
+    dist.all_reduce(x)
+    return x / world_size
 
 
 def run_logger(args, world, names, total_steps, run):
     """train.py's logger: losses.csv, progress lines and visdom on rank 0; the losses shown are means over all ranks."""
     out = Path(args.output_dir)
     env = args.display_env or f"{Path(args.dataroot.rstrip('/')).name}_{out.resolve().name}"
-    plotter = None if args.no_visdom or not world.is_main else VisdomPlotter(args.display_server, args.display_port,
-                                                                             env, names)
-    average = (lambda x: (dist.all_reduce(x), x / world.size)[1]) if world.ddp else None
-    return Logger(out if world.is_main else None, names, args.batchSize * world.size, total_steps, run.step,
-                  run.seconds, plotter, window=args.display_freq, average=average)
+    plotter = (
+        None
+        if args.no_visdom or not world.is_main
+        else VisdomPlotter(args.display_server, args.display_port, env, names)
+    )
+    average = functools.partial(ddp_mean, world_size=world.size) if world.ddp else None
+    return Logger(
+        out if world.is_main else None,
+        names,
+        args.batchSize * world.size,
+        total_steps,
+        run.step,
+        run.seconds,
+        plotter,
+        window=args.display_freq,
+        average=average,
+    )

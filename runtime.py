@@ -1,33 +1,71 @@
 """Where and how a run computes: processes and DDP, device, precision and memory layout, random states, the
-fused Adam, the CUDA-graph step, and stopping on Ctrl-C or SIGTERM."""
+fused Adam, free memory and the loader's workers."""
+
 import contextlib
-import gc
-import multiprocessing
 import os
 import random
-import signal
-import sys
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from utils import UserError
 
-def setup_processes(args):
+DEVICES = "cpu, cuda, cuda:N or mps"
+
+
+def chosen_device(args):
+    """The torch.device of --device, or of the seed's --cuda (cuda), if this machine has it; UserError otherwise."""
+    name = args.device or ("cuda" if args.cuda else "cpu")
+    flag = "--cuda" if args.cuda and not args.device else f"--device {name}"
+    if args.cuda and not name.startswith("cuda"):
+        raise UserError(f"--cuda and --device {name} disagree: give one of them")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device name; use {DEVICES}") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: this program runs on {DEVICES}")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and gpus == 0:
+        raise UserError(f"{flag} was given but PyTorch sees no CUDA GPU; drop {flag.split()[0]} to run on the CPU")
+    if device.type == "cuda" and device.index is not None and device.index >= gpus:
+        raise UserError(f"--device {name}: PyTorch sees {gpus} CUDA GPU(s) here, cuda:0 to cuda:{gpus - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: PyTorch sees no Apple GPU (MPS) here; use --device cpu")
+    if device.index is not None:
+        torch.cuda.set_device(device)  # streams, graphs, free memory and random states follow the current device
+    return device
+
+
+def device_features(device):
+    """What the device's type decides. cuda: the step as one CUDA graph, which needs each optimizer's lr as a
+    tensor on the device (Adam capturable), and pinned host memory for non-blocking copies; off the CPU the
+    channels_last layout (cuDNN's and MPS's fast one). MPS runs the eager step."""
+    cuda = device.type == "cuda"
+    layout = torch.channels_last if device.type != "cpu" else torch.contiguous_format
+    return SimpleNamespace(graphs=cuda, pin_memory=cuda, memory_format=layout)
+
+
+def setup_processes(args, device):
     """This process's place in the run (rank, device, torchrun's process groups), determinism, and one seed for all."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read at cuBLAS's first call
         torch.use_deterministic_algorithms(True)
-        torch.utils.deterministic.fill_uninitialized_memory = False  # NaN-filling every empty(): no row is read unwritten
+        torch.utils.deterministic.fill_uninitialized_memory = (
+            False  # NaN-filling every empty(): no row is read unwritten
+        )
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = not args.deterministic, args.deterministic
-    device, control = torch.device("cuda" if args.cuda else "cpu"), None
+    control = None
     if world_size > 1:
-        if args.cuda:
+        if device.type == "mps":
+            raise UserError("--device mps: torchrun's process groups have no Apple GPU backend; run one process")
+        if device.type == "cuda":  # each process takes the GPU of its local rank
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if args.cuda else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         control = dist.new_group(backend="gloo")  # stop requests and checkpoint gathering, on the CPU
     if args.seed is None:
         seed = [int.from_bytes(os.urandom(4), "little")]
@@ -35,8 +73,9 @@ def setup_processes(args):
             dist.broadcast_object_list(seed, src=0, group=control)
         args.seed = seed[0]
     seed_everything(args.seed)
-    return SimpleNamespace(rank=rank, size=world_size, ddp=world_size > 1, is_main=rank == 0, device=device,
-                           control=control)
+    return SimpleNamespace(
+        rank=rank, size=world_size, ddp=world_size > 1, is_main=rank == 0, device=device, control=control
+    )
 
 
 def seed_everything(seed):
@@ -49,10 +88,12 @@ def rng_state(cuda=False):
     """Every global random generator's state (cuda: this process's GPU's too), as types torch.load(weights_only=True)
     accepts."""
     np_state = np.random.get_state()
-    return {"python": random.getstate(),
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if cuda else None}
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if cuda else None,
+    }
 
 
 def set_rng_state(state):
@@ -66,10 +107,13 @@ def set_rng_state(state):
 
 
 def amp_dtype(device):
-    """The autocast type of mixed precision (--amp): bfloat16 where the device computes it natively, float16 (with loss scaling) on
-    GPUs without bfloat16, None on CPUs without bfloat16 units (there it is many times slower than float32)."""
+    """The autocast type of mixed precision (--amp): bfloat16 where the device computes it natively, float16 (with
+    loss scaling) on GPUs without bfloat16, None on MPS and on CPUs without bfloat16 units (there it is many times
+    slower than float32)."""
     if device.type == "cuda":  # by default is_bf16_supported also counts bfloat16 emulated on pre-Ampere GPUs
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if device.type == "mps":  # autocast on MPS has not been checked here: it trains and translates in float32
+        return None
     # Not mkldnn's bf16 check: oneDNN emulates bfloat16 on any AVX-512 CPU, where it runs at a third of fp32's speed.
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return torch.bfloat16 if native else None
@@ -120,110 +164,6 @@ def to_device(batch, buffers, device, memory_format):
     if device.type == "cuda":
         draws = [d.pin_memory() for d in draws]
     return real_A, real_B, *(d.to(device, non_blocking=True) for d in draws)
-
-
-class CudaGraphStep:
-    """`step` replayed as one CUDA graph on static input buffers: no Python or kernel-launch overhead per step.
-
-    The first `warmup` calls run eagerly on a side stream (cuDNN picks its kernels; optimizers and replay buffers
-    allocate their state), the next one captures the graph and replays it. Every call is a real training step. If the
-    capture fails, one line names the error and every step runs eagerly: capturing executes nothing, so the state
-    the eager step continues from is the state the capture started from."""
-
-    def __init__(self, step, warmup=3):
-        self.step, self.warmup, self.graph, self.eager = step, warmup, None, False
-
-    def __call__(self, *inputs):
-        if self.eager:
-            return self.step(*inputs)
-        if self.warmup > 0:
-            self.warmup -= 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                out = self.step(*inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            return out
-        if self.graph is None:
-            self.graph = self.capture(inputs)
-            if self.graph is None:
-                self.eager = True
-                return self.step(*inputs)
-        for static, x in zip(self.inputs, inputs):
-            static.copy_(x, non_blocking=True)
-        self.graph.replay()
-        return self.outputs
-
-    def capture(self, inputs):
-        """The captured graph, reading self.inputs and writing self.outputs; None (and one line why) if it failed."""
-        stream = torch.cuda.current_stream()
-        self.inputs = [x.clone() for x in inputs]
-        graph = torch.cuda.CUDAGraph()
-        try:
-            # thread_local: the loader's pin-memory thread may allocate while we capture
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self.outputs = self.step(*self.inputs)
-            return graph
-        except Exception as e:
-            torch.cuda.set_stream(stream)  # a failed capture_end leaves the capture's side stream current
-            cause = e
-            while cause.__context__ is not None:  # the error inside the step, not the capture's own complaint about it
-                cause = cause.__context__
-            first = (str(cause).strip().splitlines() or [""])[0][:200]
-            print(f"CUDA graph capture failed ({type(cause).__name__}: {first}); the step runs eagerly from here on "
-                  f"(as with --eager)", file=sys.stderr)
-            self.inputs = self.outputs = None
-            return None
-
-
-class Stopper:
-    """Where a run stops early. SIGINT or SIGTERM: finish the step, save, exit; a second Ctrl-C: quit at once without
-    saving. Under torchrun (group: a gloo process group) every rank stops after the same step, and a rank whose
-    launcher is gone stops too: torchrun's workers run in their own sessions and would outlive it."""
-
-    def __init__(self, group=None, rank=0):
-        self.reason, self.group, self.rank, self.launcher = None, group, rank, os.getppid()
-        signal.signal(signal.SIGINT, self.request)
-        signal.signal(signal.SIGTERM, self.request)
-
-    def request(self, signum, frame):
-        name = signal.Signals(signum).name
-        if self.reason == name == "SIGINT":  # not SIGTERM: torchrun sends one on Ctrl-C after the SIGINT
-            print("quitting without saving", file=sys.stderr)
-            raise SystemExit(130)
-        if self.reason is None:
-            self.reason = name
-            print(f"\n{name}: stopping after this step (Ctrl-C again to quit without saving)", file=sys.stderr)
-
-    def __call__(self):
-        """Whether to stop after this step: asked here or, under DDP, on any rank."""
-        if self.group is None:
-            return self.reason is not None
-        if self.reason is None and os.getppid() != self.launcher:
-            self.reason = "launcher gone"
-            print(f"rank {self.rank}: torchrun (pid {self.launcher}) is gone: stopping after this step", file=sys.stderr)
-        flag = torch.tensor([int(self.reason is not None)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(flag.item())
-
-
-def ignore_signals(worker_id):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def before_exit():
-    """Kill the loader's worker processes: they ignore SIGTERM (see ignore_signals), so the exit handler of
-    multiprocessing, which terminates and then joins them, would wait forever after an error. And leave the objects
-    of torch's modules to the OS: the interpreter's last collections over them take most of a second on a small CPU."""
-    gc.freeze()
-    if hasattr(signal, "SIGCHLD"):  # the loader's SIGCHLD handler would raise at the first death
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    children = multiprocessing.active_children()
-    for child in children:
-        child.kill()
-    for child in children:
-        child.join(5)
 
 
 def loader_workers(n_cpu, n_items):

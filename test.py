@@ -15,6 +15,7 @@ and OUTPUT_DIR/index.html shows each source beside its results. Unreadable image
 --reference FOLDER), on the PNGs as written; printed, in OUTPUT_DIR/metrics.json and at the top of index.html.
 (Run it as a script; this file shadows Python's stdlib `test` package.)
 """
+
 import argparse
 import gc
 import html
@@ -33,44 +34,82 @@ import figures
 from datasets import ImageFolder, domain_dir, fit_size, format_bad, list_images, load_image
 from files import shown, write_atomic, write_png
 from models import AttentionGenerator, load_generator, padded_size, translate
-from runtime import BYTES_PER_PIXEL, free_pixels, loader_workers, precision
-from utils import cannot_write, channels_problem, first_line, to_uint8
+from runtime import BYTES_PER_PIXEL, chosen_device, free_pixels, loader_workers, precision
+from utils import UserError, cannot_write, channels_problem, first_line, to_uint8
 
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batchSize", type=int, default=1, help="images of equal size translated together")
-    p.add_argument("--dataroot", type=str, default="datasets/summer2winter_yosemite/", help="root directory of the dataset")
+    p.add_argument("--dataroot", default="datasets/summer2winter_yosemite/", help="root directory of the dataset")
     p.add_argument("--input_nc", type=int, default=3, help="number of channels of input data")
     p.add_argument("--output_nc", type=int, default=3, help="number of channels of output data")
-    p.add_argument("--size", type=int, default=256, help="unused: images are translated at their own size (kept for the seed's scripts)")
-    p.add_argument("--cuda", action="store_true", help="use GPU computation")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=256,
+        help="unused: images are translated at their own size (kept for the seed's scripts)",
+    )
+    p.add_argument("--device", help="where to translate: cpu, cuda, cuda:N or mps (default: cpu)")
+    p.add_argument("--cuda", action="store_true", help="use GPU computation (the seed's flag: --device cuda)")
     p.add_argument("--n_cpu", type=int, default=8, help="number of cpu threads to use during batch generation")
-    p.add_argument("--generator_A2B", type=str, default=None, help="A2B generator checkpoint file (default: OUTPUT_DIR/netG_A2B.pth)")
-    p.add_argument("--generator_B2A", type=str, default=None, help="B2A generator checkpoint file (default: OUTPUT_DIR/netG_B2A.pth)")
-    p.add_argument("--output_dir", type=str, default="output", help="translations go to OUTPUT_DIR/A and OUTPUT_DIR/B")
-    p.add_argument("--input", type=str, default=None, help="translate this image, or every image of this folder, "
-                                                             "instead of DATAROOT/test")
-    p.add_argument("--generator", type=str, default=None, help="with --input: the generator to use "
-                                                                 "(default: the --direction's --generator_A2B/B2A)")
-    p.add_argument("--direction", choices=["AtoB", "BtoA"], default=None, help="with --input: the images are "
-                                                                                "domain A (AtoB, the default) or B")
-    p.add_argument("--max_size", type=int, default=None, help="scale images whose longer side is over MAX_SIZE px "
-                                                                "down to it (default: translate every image at its "
-                                                                "own size, skipping any that would not fit in memory)")
-    p.add_argument("--mask_dir", type=str, default=None, metavar="DIR", help="translate only where a mask says: "
-                   "DIR/NAME.* per input image (grey: white translates, black keeps, grey blends)")
-    p.add_argument("--metrics", action="store_true", help="after translating: FID and KID against the real images "
-                                                         "of the target domain, into OUTPUT_DIR/metrics.json")
-    p.add_argument("--reference", type=str, default=None, metavar="FOLDER",
-                   help="with --input --metrics: the folder of real images (png/jpg/jpeg) to compare with")
-    p.add_argument("--fid_weights", type=str, default=None, metavar="PATH",
-                   help="with --metrics: a local Inception weights file (default: fetched once into torch.hub's cache)")
+    p.add_argument(
+        "--generator_A2B",
+        help="A2B generator checkpoint file (default: OUTPUT_DIR/netG_A2B.pth)",
+    )
+    p.add_argument(
+        "--generator_B2A",
+        help="B2A generator checkpoint file (default: OUTPUT_DIR/netG_B2A.pth)",
+    )
+    p.add_argument("--output_dir", default="output", help="translations go to OUTPUT_DIR/A and OUTPUT_DIR/B")
+    p.add_argument(
+        "--input",
+        help="translate this image, or every image of this folder, instead of DATAROOT/test",
+    )
+    p.add_argument(
+        "--generator",
+        help="with --input: the generator to use (default: the --direction's --generator_A2B/B2A)",
+    )
+    p.add_argument(
+        "--direction",
+        choices=["AtoB", "BtoA"],
+        help="with --input: the images are domain A (AtoB, the default) or B",
+    )
+    p.add_argument(
+        "--max_size",
+        type=int,
+        help="scale images whose longer side is over MAX_SIZE px "
+        "down to it (default: translate every image at its "
+        "own size, skipping any that would not fit in memory)",
+    )
+    p.add_argument(
+        "--mask_dir",
+        metavar="DIR",
+        help="translate only where a mask says: "
+        "DIR/NAME.* per input image (grey: white translates, black keeps, grey blends)",
+    )
+    p.add_argument(
+        "--metrics",
+        action="store_true",
+        help="after translating: FID and KID against the real images "
+        "of the target domain, into OUTPUT_DIR/metrics.json",
+    )
+    p.add_argument(
+        "--reference",
+        metavar="FOLDER",
+        help="with --input --metrics: the folder of real images (png/jpg/jpeg) to compare with",
+    )
+    p.add_argument(
+        "--fid_weights",
+        metavar="PATH",
+        help="with --metrics: a local Inception weights file (default: fetched once into torch.hub's cache)",
+    )
     return p
 
 
 def memory_check(pixels, max_size):
     """too_big for ImageFolder: why an image (width, height) cannot be translated in `pixels` padded pixels."""
+
     def reason(w, h):
         if max_size:
             w, h = fit_size(w, h, max_size)
@@ -78,8 +117,11 @@ def memory_check(pixels, max_size):
         if need <= pixels:
             return None
         hint = "a smaller --max_size" if max_size else "--max_size N to scale its longer side down to N px"
-        return (f"{w}x{h} px: translating it needs about {need * BYTES_PER_PIXEL / 1e9:.1f} GB of memory, "
-                f"{pixels * BYTES_PER_PIXEL / 1e9:.1f} GB are free; pass {hint}")
+        return (
+            f"{w}x{h} px: translating it needs about {need * BYTES_PER_PIXEL / 1e9:.1f} GB of memory, "
+            f"{pixels * BYTES_PER_PIXEL / 1e9:.1f} GB are free; pass {hint}"
+        )
+
     return reason
 
 
@@ -105,7 +147,7 @@ def batches(loader, batch_size, bad, max_pixels):
 def psnr(a, b):
     """PSNR in dB of two uint8 arrays."""
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return 10 * np.log10(255.0 ** 2 / max(mse, 1e-10))
+    return 10 * np.log10(255.0**2 / max(mse, 1e-10))
 
 
 def generator(path, input_nc, output_nc, device):
@@ -135,18 +177,25 @@ class Masks:
         try:
             mask = load_image(path, 1) if path is not None else None
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for a damaged file
-            print(f"{shown(source)}: mask {shown(path.name)} cannot be read ({first_line(e)}); translated whole",
-                  file=sys.stderr)
+            print(
+                f"{shown(source)}: mask {shown(path.name)} cannot be read ({first_line(e)}); translated whole",
+                file=sys.stderr,
+            )
             mask = None
         if mask is None:
             if path is None:
-                print(f"{shown(source)}: no mask named {shown(source.stem)}.* in --mask_dir; translated whole",
-                      file=sys.stderr)
+                print(
+                    f"{shown(source)}: no mask named {shown(source.stem)}.* in --mask_dir; translated whole",
+                    file=sys.stderr,
+                )
             return [fake, torch.full((1, h, w), 255, dtype=torch.uint8)]
         if mask.size != (w, h):
             if not self.resized:
-                print(f"masks of another size than their image are resized to it (the first: {shown(path.name)}, "
-                      f"{mask.size[0]}x{mask.size[1]} to {w}x{h})", file=sys.stderr)
+                print(
+                    f"masks of another size than their image are resized to it (the first: {shown(path.name)}, "
+                    f"{mask.size[0]}x{mask.size[1]} to {w}x{h})",
+                    file=sys.stderr,
+                )
             self.resized, mask = True, mask.resize((w, h), Image.BILINEAR)
         m = torch.from_numpy(np.array(mask))[None]  # (1, H, W) uint8
         weight = m.double() / 255  # exactly 0 and 1 at black and white: the blend is then real or fake exactly
@@ -161,8 +210,11 @@ def translate_batch(G, G_back, images, device, layout, autocast):
     real = images.to(device, memory_format=layout, non_blocking=True)
     with autocast:
         fake, attention = translate(G, real, attention=True)
-        results = [real, fake] + ([] if attention is None else [attention * 2 - 1]) + \
-            ([] if G_back is None else [translate(G_back, fake)])
+        results = (
+            [real, fake]
+            + ([] if attention is None else [attention * 2 - 1])
+            + ([] if G_back is None else [translate(G_back, fake)])
+        )
     return [to_uint8(r.float()) for r in results]
 
 
@@ -171,13 +223,17 @@ def jobs_of(args, device):
     out = Path(args.output_dir)
     if args.input is None:
         if args.generator or args.direction:
-            raise ValueError("--generator and --direction go with --input; in data-root mode use --generator_A2B "
-                             "and --generator_B2A (default: OUTPUT_DIR/netG_A2B.pth and netG_B2A.pth)")
+            raise ValueError(
+                "--generator and --direction go with --input; in data-root mode use --generator_A2B "
+                "and --generator_B2A (default: OUTPUT_DIR/netG_A2B.pth and netG_B2A.pth)"
+            )
         paths = (args.generator_A2B or out / "netG_A2B.pth", args.generator_B2A or out / "netG_B2A.pth")
         G_A2B = generator(paths[0], args.input_nc, args.output_nc, device)
         G_B2A = generator(paths[1], args.output_nc, args.input_nc, device)
-        return [("A", list_images(domain_dir(args.dataroot, "test", "A")), args.input_nc, G_A2B, paths[0], G_B2A),
-                ("B", list_images(domain_dir(args.dataroot, "test", "B")), args.output_nc, G_B2A, paths[1], G_A2B)]
+        return [
+            ("A", list_images(domain_dir(args.dataroot, "test", "A")), args.input_nc, G_A2B, paths[0], G_B2A),
+            ("B", list_images(domain_dir(args.dataroot, "test", "B")), args.output_nc, G_B2A, paths[1], G_A2B),
+        ]
     source = Path(args.input)
     if source.is_dir():
         files = list_images(source)
@@ -192,9 +248,25 @@ def jobs_of(args, device):
     return [("A", files, args.input_nc, generator(path, args.input_nc, args.output_nc, device), path, None)]
 
 
+def outputs(src, dst, G, G_back, masks):
+    """(folder, page column) of each picture written per image: the source's copy, its translation (masked), the
+    mask, the attention map, the reconstruction."""
+    G_name, G_back_name = ("G_A2B", "G_B2A") if src == "A" else ("G_B2A", "G_A2B")
+    found = [(f"real_{src}", f"x ({src})"), (dst, f"{G_name}(x)")]
+    if masks:
+        found.append((f"mask_{src}", "mask"))
+    if isinstance(G, AttentionGenerator):
+        found.append((f"attention_{dst}", f"{G_name}'s attention"))
+    if G_back is not None:
+        found.append((f"rec_{src}", f"{G_back_name}({G_name}(x))"))
+    return found
+
+
 def main(args):
-    if args.cuda and not torch.cuda.is_available():
-        raise ValueError("--cuda was given but PyTorch sees no CUDA GPU; drop --cuda to run on the CPU")
+    try:
+        device = chosen_device(args)
+    except UserError as e:
+        raise ValueError(e) from None
     for flag, low in (("batchSize", 1), ("n_cpu", 0), ("max_size", 1)):
         value = getattr(args, flag)
         if value is not None and value < low:
@@ -203,7 +275,6 @@ def main(args):
         if problem:
             raise ValueError(problem)
     masks = Masks(args.mask_dir, args.input_nc, args.output_nc) if args.mask_dir is not None else None
-    device = torch.device("cuda" if args.cuda else "cpu")
     layout, autocast = precision(device)
     out = Path(args.output_dir)
     jobs = jobs_of(args, device)
@@ -220,12 +291,13 @@ def main(args):
             skipped += folder.skipped
             for path, reason in folder.skipped:
                 print(f"skipped {shown(path)}: {reason}", file=sys.stderr)
-            loader = DataLoader(folder, batch_size=None, num_workers=loader_workers(args.n_cpu, len(folder)),
-                                pin_memory=device.type == "cuda")
-            # source copy, translation (masked), the mask, the attention map, reconstruction
-            attention = isinstance(G, AttentionGenerator)
-            folders = [f"real_{src}", dst] + [f"mask_{src}"] * bool(masks) + [f"attention_{dst}"] * attention + \
-                [f"rec_{src}"] * (G_back is not None)
+            loader = DataLoader(
+                folder,
+                batch_size=None,
+                num_workers=loader_workers(args.n_cpu, len(folder)),
+                pin_memory=device.type == "cuda",
+            )
+            folders, columns = zip(*outputs(src, dst, G, G_back, masks))
             for d in folders:
                 (out / d).mkdir(exist_ok=True)
             rows = []
@@ -246,12 +318,12 @@ def main(args):
                     rows.append((shown(source.name), [f"{d}/{name}.png" for d in folders]))
                     if src == "A":
                         written_A[name] = source
-            G_name, G_back_name = ("G_A2B", "G_B2A") if src == "A" else ("G_B2A", "G_A2B")
-            columns = [f"x ({src})", f"{G_name}(x)"] + ["mask"] * bool(masks) + [f"{G_name}'s attention"] * attention \
-                + [f"{G_back_name}({G_name}(x))"] * (G_back is not None)
+            G_name = "G_A2B" if src == "A" else "G_B2A"
             sections.append((f"{src} → {dst}: {G_name} = {shown(G_path)}", columns, rows))
-            print(f"wrote {len(rows)} {src}->{dst} translations to {out / dst}"
-                  + (f", reconstructions to {out / folders[-1]}" if G_back is not None else ""))
+            print(
+                f"wrote {len(rows)} {src}->{dst} translations to {out / dst}"
+                + (f", reconstructions to {out / folders[-1]}" if G_back is not None else "")
+            )
     finally:
         write_index(out / "index.html", sections, skipped)
         link_training_page(out)
@@ -263,14 +335,16 @@ def main(args):
     if args.input is None:
         report_psnr(args, out, written_A)
     if args.metrics:
-        report_metrics(args, out, jobs, sections, skipped)
+        report_metrics(args, out, jobs, sections, skipped, device)
     return 0
 
 
-PAGE_STYLE = ("body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}"
-              "th,td{padding:4px 8px;text-align:center;vertical-align:middle;border-bottom:1px solid #ddd}"
-              "td.name{text-align:left;max-width:16em;overflow-wrap:anywhere}"
-              "img{display:block;min-width:128px;max-width:min(30vw,512px);height:auto}")
+PAGE_STYLE = (
+    "body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}"
+    "th,td{padding:4px 8px;text-align:center;vertical-align:middle;border-bottom:1px solid #ddd}"
+    "td.name{text-align:left;max-width:16em;overflow-wrap:anywhere}"
+    "img{display:block;min-width:128px;max-width:min(30vw,512px);height:auto}"
+)
 
 
 def link_training_page(out):
@@ -286,23 +360,33 @@ def write_index(path, sections, skipped, scores=None):
     """The results page: FID/KID first (with --metrics), then one table per direction, a row per source image with its
     PNG copy and results side by side. Relative links and inline CSS only, so it opens from disk, and keeps working
     when the folder is moved."""
-    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>CycleGAN results</title>"
-             f"<style>{PAGE_STYLE}</style></head><body>\n<h1>CycleGAN results</h1>"]
+    parts = [
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>CycleGAN results</title>'
+        f"<style>{PAGE_STYLE}</style></head><body>\n<h1>CycleGAN results</h1>"
+    ]
     if (path.parent / "training.html").exists():  # train.py's page of the same run: curves, samples per epoch
         parts.append('<p><a href="training.html">training page</a>: loss curves, FID/KID, samples per epoch</p>')
     if scores:
         parts.append(scores_html(scores))
     for title, columns, rows in sections:
-        parts.append(f"<h2>{html.escape(title)}</h2>\n<table><tr><th>file</th>"
-                     + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>")
+        parts.append(
+            f"<h2>{html.escape(title)}</h2>\n<table><tr><th>file</th>"
+            + "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+            + "</tr>"
+        )
         for name, images in rows:
-            cells = "".join(f'<td><a href="{quote(src)}"><img src="{quote(src)}" alt="{html.escape(src)}" '
-                            f'loading="lazy"></a></td>' for src in images)
+            cells = "".join(
+                f'<td><a href="{quote(src)}"><img src="{quote(src)}" alt="{html.escape(src)}" loading="lazy"></a></td>'
+                for src in images
+            )
             parts.append(f'<tr><td class="name">{html.escape(name)}</td>{cells}</tr>')
         parts.append("</table>")
     if skipped:
-        parts.append("<h2>Skipped</h2>\n<ul>" + "".join(
-            f"<li>{html.escape(shown(p))}: {html.escape(r)}</li>" for p, r in skipped) + "</ul>")
+        parts.append(
+            "<h2>Skipped</h2>\n<ul>"
+            + "".join(f"<li>{html.escape(shown(p))}: {html.escape(r)}</li>" for p, r in skipped)
+            + "</ul>"
+        )
     parts.append("</body></html>\n")
     write_atomic(path, lambda f: f.write("\n".join(parts)), "w", encoding="utf-8")
 
@@ -320,8 +404,10 @@ def report_psnr(args, out, written_A):
         ours.append(psnr(np.asarray(load_image(out / "B" / f"{path.stem}.png", args.output_nc)), truth))
         baseline.append(psnr(np.asarray(load_image(written_A[path.stem], args.input_nc)), truth))
     if ours:
-        print(f"PSNR of G_A2B(test/A) against test/truth_B: {np.mean(ours):.2f} dB "
-              f"(do-nothing baseline, test/A itself: {np.mean(baseline):.2f} dB)")
+        print(
+            f"PSNR of G_A2B(test/A) against test/truth_B: {np.mean(ours):.2f} dB "
+            f"(do-nothing baseline, test/A itself: {np.mean(baseline):.2f} dB)"
+        )
 
 
 def metrics_problem(args):
@@ -336,16 +422,20 @@ def metrics_problem(args):
         return f"--reference {shown(args.reference)} is not a folder: pass a folder of real images"
     if args.fid_weights is not None and not Path(args.fid_weights).is_file():
         import metrics  # here: importing torch-fidelity takes a second, and only --metrics needs it
-        return (f"--fid_weights {shown(args.fid_weights)} does not exist: pass the Inception weights file "
-                f"({metrics.hub_file().name})")
+
+        return (
+            f"--fid_weights {shown(args.fid_weights)} does not exist: pass the Inception weights file "
+            f"({metrics.hub_file().name})"
+        )
     return None
 
 
-def report_metrics(args, out, jobs, sections, skipped):
+def report_metrics(args, out, jobs, sections, skipped, device):
     """--metrics: FID and KID of each direction's translations (the PNGs as written) against the real images of its
     target domain (their PNG copies in real_A/ real_B/, or --reference), printed as a table, written with the
     protocol to OUTPUT_DIR/metrics.json, and put at the top of index.html."""
     import metrics  # here: importing torch-fidelity takes a second, and only --metrics needs it
+
     written = {job[0]: (job[4], rows) for job, (_, _, rows) in zip(jobs, sections)}  # source domain -> (G, rows)
     scores = {}
     for src, (G_path, rows) in written.items():
@@ -354,19 +444,29 @@ def report_metrics(args, out, jobs, sections, skipped):
             real, real_name = args.reference, shown(args.reference)
         else:  # the copies of test/dst: decoded as the generators saw them, only those that could be read
             real, real_name = [out / paths[0] for _, paths in written[dst][1]], f"test/{dst} (as real_{dst}/)"
-        result = metrics.evaluate([out / paths[1] for _, paths in rows], real, cuda=args.cuda, weights=args.fid_weights)
+        result = metrics.evaluate(
+            [out / paths[1] for _, paths in rows], real, cuda=device.type == "cuda", weights=args.fid_weights
+        )
         result["kid_std"] = None if math.isnan(result["kid_std"]) else result["kid_std"]  # JSON has no NaN
         scores[f"{src}2{dst}"] = {"generator": shown(G_path), "translated": f"{dst}/", "against": real_name, **result}
     scores = {"protocol": metrics.protocol(weights=args.fid_weights), **scores}
     write_atomic(out / "metrics.json", lambda f: json.dump(scores, f, indent=2), "w", encoding="utf-8")
     weights = scores["protocol"]["weights"]
-    print(f"FID and KID ({scores['protocol']['library']} {scores['protocol']['version']}, "
-          f"{scores['protocol']['feature_extractor']} features), in {out / 'metrics.json'}:")
-    print("\n".join("  ".join(f"{c:<{w}}" for c, w in zip(row, (9, 10, 28, 8, 9, 14))).rstrip()
-                    for row in [SCORE_COLUMNS] + score_rows(scores)))
+    print(
+        f"FID and KID ({scores['protocol']['library']} {scores['protocol']['version']}, "
+        f"{scores['protocol']['feature_extractor']} features), in {out / 'metrics.json'}:"
+    )
+    print(
+        "\n".join(
+            "  ".join(f"{c:<{w}}" for c, w in zip(row, (9, 10, 28, 8, 9, 14))).rstrip()
+            for row in [SCORE_COLUMNS] + score_rows(scores)
+        )
+    )
     if weights and weights.get("same_as_library") is False:
-        print(f"note: {weights['file']} is not the Inception file torch-fidelity downloads (its sha256 differs): "
-              f"these numbers do not compare with papers' tables")
+        print(
+            f"note: {weights['file']} is not the Inception file torch-fidelity downloads (its sha256 differs): "
+            f"these numbers do not compare with papers' tables"
+        )
     write_index(out / "index.html", sections, skipped, scores)
 
 
@@ -375,10 +475,15 @@ SCORE_COLUMNS = ("direction", "translated", "against", "images", "FID", "KID ×1
 
 def score_rows(scores):
     """One row of text per direction of metrics.json: the SCORE_COLUMNS."""
+
     def kid(s):  # no std (None in metrics.json) when every subset was the whole of both sets
         return f"{100 * s['kid_mean']:.2f}" + (f" ± {100 * s['kid_std']:.2f}" if s["kid_std"] is not None else "")
-    return [(d, s["translated"], s["against"], f"{s['fake']['count']} / {s['real']['count']}", f"{s['fid']:.2f}",
-             kid(s)) for d, s in scores.items() if d != "protocol"]
+
+    return [
+        (d, s["translated"], s["against"], f"{s['fake']['count']} / {s['real']['count']}", f"{s['fid']:.2f}", kid(s))
+        for d, s in scores.items()
+        if d != "protocol"
+    ]
 
 
 def scores_html(scores):
@@ -387,11 +492,15 @@ def scores_html(scores):
     head = "".join(f"<th>{html.escape(c)}</th>" for c in SCORE_COLUMNS)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in score_rows(scores))
     weights = f", weights sha256 {p['weights']['sha256'][:12]}…" if p["weights"] else ""
-    about = (f"{p['library']} {p['version']}, {p['feature_extractor']} features{weights}; KID: {p['kid']['subsets']} "
-             f"subsets of {p['kid']['subset_size']} images, seed {p['kid']['seed']}; images: translated / real; "
-             f"lower is better")
-    return (f"<h2>FID and KID</h2>\n<table><tr>{head}</tr>{body}</table>\n<p>{html.escape(about)} "
-            f"(<a href=\"metrics.json\">metrics.json</a>)</p>")
+    about = (
+        f"{p['library']} {p['version']}, {p['feature_extractor']} features{weights}; KID: {p['kid']['subsets']} "
+        f"subsets of {p['kid']['subset_size']} images, seed {p['kid']['seed']}; images: translated / real; "
+        f"lower is better"
+    )
+    return (
+        f"<h2>FID and KID</h2>\n<table><tr>{head}</tr>{body}</table>\n<p>{html.escape(about)} "
+        f'(<a href="metrics.json">metrics.json</a>)</p>'
+    )
 
 
 if __name__ == "__main__":

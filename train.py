@@ -5,9 +5,10 @@
     torchrun --nproc_per_node=4 train.py --dataroot datasets/summer2winter_yosemite --cuda   # 4 GPUs, DDP
 
 Reading order: main() is the run's outline; train_step() is the paper's update; Run is what a checkpoint holds,
-with checkpoint() and restore() side by side; runtime.Stopper is where a run stops on Ctrl-C; epoch_end.EpochEnd is
+with checkpoint() and restore() side by side; stopping.Stopper is where a run stops on Ctrl-C; epoch_end.EpochEnd is
 what each epoch end leaves on disk besides the checkpoint, in an order a resumed run finishes.
 """
+
 import argparse
 import contextlib
 import functools
@@ -21,71 +22,165 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoints import (cpu_state, load_checkpoint, load_optimizer, lock_output_dir, resume_command, resume_path,
-                         try_save)
+from checkpoints import (
+    cpu_state,
+    load_checkpoint,
+    load_optimizer,
+    lock_output_dir,
+    resume_command,
+    resume_path,
+    try_save,
+)
+from cuda_graph import CudaGraphStep
 from datasets import ImageDataset, skipped_summary, train_loader
 from epoch_end import EpochEnd
-from models import (DiscriminatorLoss, GeneratorLoss, discriminator, generator, max_scales, use_sliced_padding,
-                    weights_init_normal)
+from models import (
+    DiscriminatorLoss,
+    GeneratorLoss,
+    discriminator,
+    generator,
+    max_scales,
+    use_sliced_padding,
+    weights_init_normal,
+)
 from report import run_logger
-from runtime import (CudaGraphStep, Stopper, adam, amp_dtype, before_exit, rng_state, set_rng_state, setup_processes,
-                     to_device)
+from runtime import (
+    adam,
+    amp_dtype,
+    chosen_device,
+    device_features,
+    rng_state,
+    set_rng_state,
+    setup_processes,
+    to_device,
+)
+from stopping import Stopper, before_exit
 from utils import ReplayBuffer, UserError, cannot_write, channels_problem, first_line, linear_decay, set_requires_grad
 
 LOSS_NAMES = ["loss_G", "loss_G_identity", "loss_G_GAN", "loss_G_cycle", "loss_D", "loss_D_A", "loss_D_B"]
 # What a checkpoint holds, checked before any of it is used: a file can pass weights_only and still be anything.
-CHECKPOINT_TYPES = {"args": dict, "G_A2B": dict, "G_B2A": dict, "D_A": dict, "D_B": dict, "optimizer_G": dict,
-                    "optimizer_D": dict, "lr_scheduler_G": dict, "lr_scheduler_D": dict, "scaler": (dict, type(None)),
-                    "fake_A_buffer": (dict, list), "fake_B_buffer": (dict, list), "rng": (dict, list), "step": int,
-                    "seconds": (int, float)}
+CHECKPOINT_TYPES = {
+    "args": dict,
+    "G_A2B": dict,
+    "G_B2A": dict,
+    "D_A": dict,
+    "D_B": dict,
+    "optimizer_G": dict,
+    "optimizer_D": dict,
+    "lr_scheduler_G": dict,
+    "lr_scheduler_D": dict,
+    "scaler": (dict, type(None)),
+    "fake_A_buffer": (dict, list),
+    "fake_B_buffer": (dict, list),
+    "rng": (dict, list),
+    "step": int,
+    "seconds": (int, float),
+}
 MAX_SIZE = 2048  # --size: 8x the paper's 256 px crops, already ~64x its memory
 
 
 def get_parser():
+    """train.py's flags, in the groups that --help shows them in; the defaults are the paper's."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epoch", type=int, default=0, help="starting epoch (see README: resuming)")
-    p.add_argument("--n_epochs", type=int, default=200, help="number of epochs of training")
-    p.add_argument("--batchSize", type=int, default=1, help="size of the batches (per process under torchrun)")
-    p.add_argument("--dataroot", type=str, default="datasets/summer2winter_yosemite/", help="root directory of the dataset")
-    p.add_argument("--lr", type=float, default=0.0002, help="initial learning rate")
-    p.add_argument("--decay_epoch", type=int, default=100, help="epoch to start linearly decaying the learning rate to 0")
-    p.add_argument("--size", type=int, default=256, help="size of the (square) training crops")
-    p.add_argument("--input_nc", type=int, default=3, help="number of channels of input data")
-    p.add_argument("--output_nc", type=int, default=3, help="number of channels of output data")
-    p.add_argument("--n_blocks", type=int, default=9, help="residual blocks per generator (the authors use 6 up to 128 px)")
-    p.add_argument("--d_scales", type=int, default=1, help="PatchGANs per discriminator, on the input pooled 0..K-1 times")
-    p.add_argument("--load_size", type=int, default=None, help="shorter side before the random --size crop (1.12 * size)")
-    p.add_argument("--cuda", action="store_true", help="use GPU computation")
-    p.add_argument("--n_cpu", type=int, default=8, help="number of cpu threads to use during batch generation")
-    p.add_argument("--output_dir", type=str, default="output", help="where checkpoints and losses.csv go")
-    p.add_argument("--lambda_cycle", type=float, default=10.0, help="weight of the cycle loss, per direction")
-    p.add_argument("--lambda_identity", type=float, default=0.5, help="identity loss weight, as a fraction of lambda_cycle")
-    p.add_argument("--attention", action="store_true", help="generators that also output where to translate (a map)")
-    p.add_argument("--lambda_tv", type=float, default=1.0, help="--attention: weight of the maps' total variation")
-    p.add_argument("--pool_size", type=int, default=50, help="fakes kept in each discriminator's replay buffer (0: none)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed and saved)")
-    p.add_argument("--amp", action="store_true",
-                   help="mixed precision: bfloat16 where the device has it, float16 with loss scaling on older GPUs")
-    p.add_argument("--deterministic", action="store_true",
-                   help="deterministic GPU kernels: a --seed run, and its resumption, repeat bit for bit (slower)")
-    p.add_argument("--eager", action="store_true", help="on CUDA, run the step op by op instead of as one CUDA graph")
-    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
-                   help="continue from OUTPUT_DIR/checkpoint.pth, or from PATH")
-    p.add_argument("--save_freq", type=int, default=1000, help="also checkpoint every this many steps (0: epoch ends only)")
-    p.add_argument("--display_server", type=str, default="http://localhost", help="visdom server")
-    p.add_argument("--display_port", type=int, default=8097, help="visdom port")
-    p.add_argument("--display_env", type=str, default=None, help="visdom environment (default: DATASET_OUTPUTDIR)")
-    p.add_argument("--display_freq", type=int, default=100, help="steps between loss rows, progress lines and plots")
-    p.add_argument("--no_visdom", action="store_true", help="do not plot to visdom (losses.csv is still written)")
-    p.add_argument("--n_samples", type=int, default=4, help="test images per domain drawn at each epoch end (samples/)")
-    p.add_argument("--eval_freq", type=int, default=0, help="FID and KID of the test split every this many epochs "
-                                                           "and at the last, into metrics.csv (0: off)")
-    p.add_argument("--keep_best", action="store_true", help="with --eval_freq: also keep the generators of the epoch "
-                                                            "of lowest FID (A2B + B2A) as best_netG_*.pth")
-    p.add_argument("--fid_weights", type=str, default=None, metavar="PATH", help="a local Inception weights file")
-    p.add_argument("--no_figures", action="store_true", help="do not redraw plots/ and training.html at epoch ends "
-                                                             "(python figures.py OUTPUT_DIR draws them any time)")
+    add_data_flags(p.add_argument_group("data and networks"))
+    add_training_flags(p.add_argument_group("training (the paper's values)"))
+    add_compute_flags(p.add_argument_group("where and how it computes"))
+    add_output_flags(p.add_argument_group("saving, resuming and watching"))
     return p
+
+
+def add_data_flags(g):
+    """The data set, the crops and the networks' shapes (architecture flags: fixed for a run)."""
+    g.add_argument(
+        "--dataroot", type=str, default="datasets/summer2winter_yosemite/", help="root directory of the dataset"
+    )
+    g.add_argument("--size", type=int, default=256, help="size of the (square) training crops")
+    g.add_argument("--load_size", type=int, help="shorter side before the random --size crop (1.12 * size)")
+    g.add_argument("--input_nc", type=int, default=3, help="number of channels of input data")
+    g.add_argument("--output_nc", type=int, default=3, help="number of channels of output data")
+    g.add_argument(
+        "--n_blocks", type=int, default=9, help="residual blocks per generator (the authors use 6 up to 128 px)"
+    )
+    g.add_argument(
+        "--d_scales", type=int, default=1, help="PatchGANs per discriminator, on the input pooled 0..K-1 times"
+    )
+    g.add_argument("--attention", action="store_true", help="generators that also output where to translate (a map)")
+
+
+def add_training_flags(g):
+    """The losses, the optimiser and its schedule, the epochs."""
+    g.add_argument("--epoch", type=int, default=0, help="starting epoch (see README: resuming)")
+    g.add_argument("--n_epochs", type=int, default=200, help="number of epochs of training")
+    g.add_argument(
+        "--decay_epoch", type=int, default=100, help="epoch to start linearly decaying the learning rate to 0"
+    )
+    g.add_argument("--batchSize", type=int, default=1, help="size of the batches (per process under torchrun)")
+    g.add_argument("--lr", type=float, default=0.0002, help="initial learning rate")
+    g.add_argument("--lambda_cycle", type=float, default=10.0, help="weight of the cycle loss, per direction")
+    g.add_argument(
+        "--lambda_identity", type=float, default=0.5, help="identity loss weight, as a fraction of lambda_cycle"
+    )
+    g.add_argument("--lambda_tv", type=float, default=1.0, help="--attention: weight of the maps' total variation")
+    g.add_argument(
+        "--pool_size", type=int, default=50, help="fakes kept in each discriminator's replay buffer (0: none)"
+    )
+    g.add_argument("--seed", type=int, help="random seed (default: a random one, printed and saved)")
+
+
+def add_compute_flags(g):
+    """Device, data loading and precision: the numbers stay the run's."""
+    g.add_argument("--device", type=str, help="where to train: cpu, cuda, cuda:N or mps (default: cpu)")
+    g.add_argument("--cuda", action="store_true", help="use GPU computation (the seed's flag: --device cuda)")
+    g.add_argument("--n_cpu", type=int, default=8, help="number of cpu threads to use during batch generation")
+    g.add_argument(
+        "--amp",
+        action="store_true",
+        help="mixed precision: bfloat16 where the device has it, float16 with loss scaling on older GPUs",
+    )
+    g.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic GPU kernels: a --seed run, and its resumption, repeat bit for bit (slower)",
+    )
+    g.add_argument("--eager", action="store_true", help="on CUDA, run the step op by op instead of as one CUDA graph")
+
+
+def add_output_flags(g):
+    """Checkpoints, visdom, sample sheets, FID/KID and figures."""
+    g.add_argument("--output_dir", type=str, default="output", help="where checkpoints and losses.csv go")
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="PATH",
+        help="continue from OUTPUT_DIR/checkpoint.pth, or from PATH",
+    )
+    g.add_argument(
+        "--save_freq", type=int, default=1000, help="also checkpoint every this many steps (0: epoch ends only)"
+    )
+    g.add_argument("--display_server", type=str, default="http://localhost", help="visdom server")
+    g.add_argument("--display_port", type=int, default=8097, help="visdom port")
+    g.add_argument("--display_env", type=str, help="visdom environment (default: DATASET_OUTPUTDIR)")
+    g.add_argument("--display_freq", type=int, default=100, help="steps between loss rows, progress lines and plots")
+    g.add_argument("--no_visdom", action="store_true", help="do not plot to visdom (losses.csv is still written)")
+    g.add_argument("--n_samples", type=int, default=4, help="test images per domain drawn at each epoch end (samples/)")
+    g.add_argument(
+        "--eval_freq",
+        type=int,
+        default=0,
+        help="FID and KID of the test split every this many epochs and at the last, into metrics.csv (0: off)",
+    )
+    g.add_argument(
+        "--keep_best",
+        action="store_true",
+        help="with --eval_freq: also keep the generators of the epoch of lowest FID (A2B + B2A) as best_netG_*.pth",
+    )
+    g.add_argument("--fid_weights", type=str, metavar="PATH", help="a local Inception weights file")
+    g.add_argument(
+        "--no_figures",
+        action="store_true",
+        help="do not redraw plots/ and training.html at epoch ends (python figures.py OUTPUT_DIR draws them any time)",
+    )
 
 
 def check_args(args, resuming=False):
@@ -93,16 +188,22 @@ def check_args(args, resuming=False):
     if args.n_epochs < 1 or not 0 <= args.decay_epoch < args.n_epochs:
         raise UserError(f"--decay_epoch ({args.decay_epoch}) must be at least 0 and below --n_epochs ({args.n_epochs})")
     if args.epoch < 0 or (not resuming and args.epoch >= args.n_epochs):
-        raise UserError(f"--epoch {args.epoch}: a new run starts at an epoch from 0 to --n_epochs - 1 "
-                        f"({args.n_epochs - 1}); to continue a run use --resume")
+        raise UserError(
+            f"--epoch {args.epoch}: a new run starts at an epoch from 0 to --n_epochs - 1 "
+            f"({args.n_epochs - 1}); to continue a run use --resume"
+        )
     if not 24 <= args.size <= MAX_SIZE or args.size % 4:
-        raise UserError(f"--size {args.size}: the generator needs a multiple of 4, the discriminator at least 24, "
-                        f"and memory grows with its square: at most {MAX_SIZE} (the paper trains at 256)")
+        raise UserError(
+            f"--size {args.size}: the generator needs a multiple of 4, the discriminator at least 24, "
+            f"and memory grows with its square: at most {MAX_SIZE} (the paper trains at 256)"
+        )
     for flag in ("lr", "lambda_cycle", "lambda_identity", "lambda_tv"):
         value = getattr(args, flag)
         if not math.isfinite(value) or value < 0 or (flag == "lr" and value == 0):
-            raise UserError(f"--{flag} {value}: must be a finite number " + ("above 0 (the paper's is 0.0002)"
-                                                                              if flag == "lr" else "of 0 or more"))
+            raise UserError(
+                f"--{flag} {value}: must be a finite number "
+                + ("above 0 (the paper's is 0.0002)" if flag == "lr" else "of 0 or more")
+            )
     if args.seed is not None and not 0 <= args.seed < 2**63:
         raise UserError(f"--seed {args.seed}: must be a whole number from 0 to 2**63 - 1")
     if channels_problem(args):
@@ -110,28 +211,43 @@ def check_args(args, resuming=False):
     if not 0 < args.display_port < 65536:
         raise UserError(f"--display_port {args.display_port}: a port is a number from 1 to 65535")
     if args.input_nc != args.output_nc and args.lambda_identity > 0:
-        raise UserError("the identity loss feeds B images to G_A2B, so it needs --input_nc == --output_nc; "
-                        "pass --lambda_identity 0")
-    if args.cuda and not torch.cuda.is_available():
-        raise UserError("--cuda was given but PyTorch sees no CUDA GPU; drop --cuda to train on the CPU")
+        raise UserError(
+            "the identity loss feeds B images to G_A2B, so it needs --input_nc == --output_nc; pass --lambda_identity 0"
+        )
     if not (most := max_scales(args.size)) >= args.d_scales >= 1:  # the coarsest scale must see the PatchGAN's 24 px
         raise UserError(f"--d_scales {args.d_scales}: at --size {args.size} from 1 to {most} scales fit")
     if args.load_size is not None and not args.size <= args.load_size <= MAX_SIZE:
         raise UserError(f"--load_size {args.load_size}: from --size ({args.size}) to {MAX_SIZE}")
     if args.n_blocks > 64:  # the paper has 9; each costs 2.4 MB of weights and a full-size activation per image
         raise UserError(f"--n_blocks {args.n_blocks}: at most 64 residual blocks (the paper uses 9, or 6 up to 128 px)")
-    if min(args.batchSize, args.display_freq, args.n_blocks) < 1 or min(args.save_freq, args.pool_size, args.n_cpu,
-                                                                        args.n_samples, args.eval_freq) < 0:
-        raise UserError("--batchSize, --display_freq and --n_blocks must be positive, --save_freq, --pool_size, "
-                        "--n_cpu, --n_samples and --eval_freq at least 0")
+    if (
+        min(args.batchSize, args.display_freq, args.n_blocks) < 1
+        or min(args.save_freq, args.pool_size, args.n_cpu, args.n_samples, args.eval_freq) < 0
+    ):
+        raise UserError(
+            "--batchSize, --display_freq and --n_blocks must be positive, --save_freq, --pool_size, "
+            "--n_cpu, --n_samples and --eval_freq at least 0"
+        )
     if (args.keep_best or args.fid_weights) and not args.eval_freq:
         raise UserError("--keep_best and --fid_weights go with --eval_freq K (FID and KID every K epochs)")
     if args.fid_weights and not Path(args.fid_weights).is_file():
         raise UserError(f"--fid_weights {args.fid_weights} is not a file: pass the Inception weights file")
 
 
-def train_step(g_loss, d_loss, discriminators, optimizer_G, optimizer_D, scaler, autocast, buffers,
-               real_A, real_B, choices_A, choices_B):
+def train_step(
+    g_loss,
+    d_loss,
+    discriminators,
+    optimizer_G,
+    optimizer_D,
+    scaler,
+    autocast,
+    buffers,
+    real_A,
+    real_B,
+    choices_A,
+    choices_B,
+):
     """One CycleGAN update: both generators, then both discriminators. Returns the losses as one (7,) tensor in
     LOSS_NAMES order, and (fake_A, fake_B, rec_A, rec_B). No host sync inside: CUDA can replay it as one graph.
 
@@ -143,7 +259,9 @@ def train_step(g_loss, d_loss, discriminators, optimizer_G, optimizer_D, scaler,
     set_requires_grad(discriminators, False)
     optimizer_G.zero_grad(set_to_none=True)
     with autocast:
-        (loss_G, loss_G_identity, loss_G_GAN, loss_G_cycle), (fake_A, fake_B, rec_A, rec_B) = g_loss(real_A, real_B, D_A, D_B)
+        (loss_G, loss_G_identity, loss_G_GAN, loss_G_cycle), (fake_A, fake_B, rec_A, rec_B) = g_loss(
+            real_A, real_B, D_A, D_B
+        )
     scaler.scale(loss_G).backward()
     scaler.step(optimizer_G)
 
@@ -151,8 +269,9 @@ def train_step(g_loss, d_loss, discriminators, optimizer_G, optimizer_D, scaler,
     set_requires_grad(discriminators, True)
     optimizer_D.zero_grad(set_to_none=True)
     with autocast:
-        loss_D_A, loss_D_B = d_loss(real_A, real_B, fake_A_buffer.push_and_pop(fake_A, choices_A),
-                                    fake_B_buffer.push_and_pop(fake_B, choices_B))
+        loss_D_A, loss_D_B = d_loss(
+            real_A, real_B, fake_A_buffer.push_and_pop(fake_A, choices_A), fake_B_buffer.push_and_pop(fake_B, choices_B)
+        )
         loss_D = loss_D_A + loss_D_B
     scaler.scale(loss_D).backward()
     scaler.step(optimizer_D)
@@ -166,6 +285,7 @@ def train_step(g_loss, d_loss, discriminators, optimizer_G, optimizer_D, scaler,
 @dataclass
 class Run:
     """A run's state, made fresh by build(): what checkpoint() saves and restore() puts back, side by side below."""
+
     nets: dict  # G_A2B, G_B2A, D_A, D_B
     optimizer_G: torch.optim.Optimizer
     optimizer_D: torch.optim.Optimizer
@@ -189,55 +309,83 @@ class Run:
 def build(args, device, rank=0, epoch_size=1):
     """A fresh Run on `device`: networks initialised as the paper, optimizers, schedules, precision, replay buffers.
 
-    Off the CPU (CUDA, or the meta device of tests/test_devices.py) the networks are channels_last (cuDNN's native
-    layout) and each optimizer's lr is a tensor on the device: eager and captured steps compute the same numbers."""
-    nets = {"G_A2B": generator(args.input_nc, args.output_nc, args.n_blocks, args.attention),
-            "G_B2A": generator(args.output_nc, args.input_nc, args.n_blocks, args.attention),
-            "D_A": discriminator(args.input_nc, args.d_scales), "D_B": discriminator(args.output_nc, args.d_scales)}
-    accelerator = device.type != "cpu"
-    memory_format = torch.channels_last if accelerator else torch.contiguous_format
+    Off the CPU the networks are channels_last; on CUDA (or the meta device standing in for it in
+    tests/test_devices.py) each optimizer's lr is a tensor on the device: eager and captured steps compute the same
+    numbers."""
+    nets = {
+        "G_A2B": generator(args.input_nc, args.output_nc, args.n_blocks, args.attention),
+        "G_B2A": generator(args.output_nc, args.input_nc, args.n_blocks, args.attention),
+        "D_A": discriminator(args.input_nc, args.d_scales),
+        "D_B": discriminator(args.output_nc, args.d_scales),
+    }
+    features = device_features(device)
+    memory_format = features.memory_format
     for net in nets.values():
         net.apply(weights_init_normal)
         if args.deterministic:
             use_sliced_padding(net)
         net.to(device, memory_format=memory_format)
     G_A2B, G_B2A, D_A, D_B = nets.values()
-    optimizer_G = adam([*G_A2B.parameters(), *G_B2A.parameters()], args.lr, device, lr_tensor=accelerator)
-    optimizer_D = adam([*D_A.parameters(), *D_B.parameters()], args.lr, device, lr_tensor=accelerator)
+    optimizer_G = adam([*G_A2B.parameters(), *G_B2A.parameters()], args.lr, device, lr_tensor=features.graphs)
+    optimizer_D = adam([*D_A.parameters(), *D_B.parameters()], args.lr, device, lr_tensor=features.graphs)
     for group in optimizer_G.param_groups + optimizer_D.param_groups:
         group["initial_lr"] = args.lr  # the schedule's base
     lr_lambda = linear_decay(args.n_epochs, args.decay_epoch)
     dtype = amp_dtype(device) if args.amp else None
     return Run(
-        nets, optimizer_G, optimizer_D, schedule(optimizer_G, lr_lambda, args.epoch), schedule(optimizer_D, lr_lambda, args.epoch),
+        nets,
+        optimizer_G,
+        optimizer_D,
+        schedule(optimizer_G, lr_lambda, args.epoch),
+        schedule(optimizer_D, lr_lambda, args.epoch),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         # Each rank keeps its own replay buffers; rank 0's are seeded as in a single-process run.
-        buffers=(ReplayBuffer(args.pool_size, args.seed + 2 * rank), ReplayBuffer(args.pool_size, args.seed + 2 * rank + 1)),
-        epoch=args.epoch, device=device, memory_format=memory_format, dtype=dtype, lr_lambda=lr_lambda,
+        buffers=(
+            ReplayBuffer(args.pool_size, args.seed + 2 * rank),
+            ReplayBuffer(args.pool_size, args.seed + 2 * rank + 1),
+        ),
+        epoch=args.epoch,
+        device=device,
+        memory_format=memory_format,
+        dtype=dtype,
+        lr_lambda=lr_lambda,
         autocast=torch.autocast(device.type, dtype, cache_enabled=False) if dtype else contextlib.nullcontext(),
-        epoch_size=epoch_size)
+        epoch_size=epoch_size,
+    )
 
 
 def schedule(optimizer, lr_lambda, epoch):
-    """The paper's lr schedule for `optimizer`, at `epoch` (a tensor lr is filled in place: a captured graph reads it)."""
+    """The paper's lr schedule for `optimizer`, at `epoch` (a tensor lr is filled in place: a captured graph reads
+    it)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda, last_epoch=epoch - 1)
 
 
 def rank_state(run):
     """This rank's own part of a checkpoint: its replay buffers and random states."""
-    return {"fake_A_buffer": run.buffers[0].state_dict(), "fake_B_buffer": run.buffers[1].state_dict(),
-            "rng": rng_state(run.device.type == "cuda")}
+    return {
+        "fake_A_buffer": run.buffers[0].state_dict(),
+        "fake_B_buffer": run.buffers[1].state_dict(),
+        "rng": rng_state(run.device.type == "cuda"),
+    }
 
 
 def checkpoint(run, args, ranks):
     """Everything the run needs to continue bit for bit, as one dict of plain types; ranks: every rank's rank_state."""
-    return {**{name: cpu_state(net) for name, net in run.nets.items()},
-            "optimizer_G": run.optimizer_G.state_dict(), "optimizer_D": run.optimizer_D.state_dict(),
-            "lr_scheduler_G": run.lr_scheduler_G.state_dict(), "lr_scheduler_D": run.lr_scheduler_D.state_dict(),
-            "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
-            **{key: [r[key] for r in ranks] for key in ranks[0]},
-            "step": run.step, "position": [run.epoch, run.sample], "epoch": run.epoch + run.sample / run.epoch_size,
-            "world_size": len(ranks), "seconds": run.seconds, "args": vars(args)}
+    return {
+        **{name: cpu_state(net) for name, net in run.nets.items()},
+        "optimizer_G": run.optimizer_G.state_dict(),
+        "optimizer_D": run.optimizer_D.state_dict(),
+        "lr_scheduler_G": run.lr_scheduler_G.state_dict(),
+        "lr_scheduler_D": run.lr_scheduler_D.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        **{key: [r[key] for r in ranks] for key in ranks[0]},
+        "step": run.step,
+        "position": [run.epoch, run.sample],
+        "epoch": run.epoch + run.sample / run.epoch_size,
+        "world_size": len(ranks),
+        "seconds": run.seconds,
+        "args": vars(args),
+    }
 
 
 def restore(run, ckpt, args, rank=0, world_size=1):
@@ -249,7 +397,9 @@ def restore(run, ckpt, args, rank=0, world_size=1):
     load_optimizer(run.optimizer_D, ckpt["optimizer_D"])
     if ckpt["scaler"] and run.scaler.is_enabled():
         run.scaler.load_state_dict(ckpt["scaler"])
-    per_rank = {k: ckpt[k] if isinstance(ckpt[k], list) else [ckpt[k]] for k in ("fake_A_buffer", "fake_B_buffer", "rng")}
+    per_rank = {
+        k: ckpt[k] if isinstance(ckpt[k], list) else [ckpt[k]] for k in ("fake_A_buffer", "fake_B_buffer", "rng")
+    }
     if rank < len(per_rank["rng"]):
         for buffer, key in zip(run.buffers, ("fake_A_buffer", "fake_B_buffer")):
             buffer.load_state_dict(per_rank[key][rank], run.device, run.memory_format)
@@ -269,7 +419,8 @@ def restore(run, ckpt, args, rank=0, world_size=1):
 
 
 def save_checkpoint(run, args, world):
-    """checkpoint(run) written atomically by rank 0, every rank's own state gathered to it; False if the write failed."""
+    """checkpoint(run) written atomically by rank 0, every rank's own state gathered to it; False if the write
+    failed."""
     ranks = [rank_state(run)]
     if world.ddp:
         mine, ranks = ranks[0], [None] * world.size if world.is_main else None
@@ -281,47 +432,60 @@ def save_checkpoint(run, args, world):
 
 
 def make_step(run, args, ddp=False):
-    """train_step bound to the run (losses in DDP under torchrun): a function of (real_A, real_B, choices_A, choices_B)."""
+    """train_step bound to the run (losses in DDP under torchrun): a function of (real_A, real_B, choices_A,
+    choices_B)."""
     G_A2B, G_B2A, D_A, D_B = run.nets.values()
     g_loss = GeneratorLoss(G_A2B, G_B2A, args.lambda_cycle, args.lambda_identity, args.lambda_tv)
     d_loss = DiscriminatorLoss(D_A, D_B)
     if ddp:  # each wrapped forward computes a whole loss: no network runs twice inside one DDP forward-backward
         g_loss, d_loss = DDP(g_loss), DDP(d_loss)
-    return functools.partial(train_step, g_loss, d_loss, (D_A, D_B), run.optimizer_G, run.optimizer_D, run.scaler,
-                             run.autocast, run.buffers)
+    return functools.partial(
+        train_step, g_loss, d_loss, (D_A, D_B), run.optimizer_G, run.optimizer_D, run.scaler, run.autocast, run.buffers
+    )
 
 
 def main(args):
     """A run, top to bottom: set up, build, restore if resuming, train epoch by epoch, finish."""
+    device = chosen_device(args)  # before anything is written
     _, lock, ckpt = open_output(args, is_main=int(os.environ.get("RANK", 0)) == 0)  # lock: held until exit
-    world = setup_processes(args)
+    world = setup_processes(args, device)
     log = print if world.is_main else (lambda *a, **k: None)
 
     # ---- Build: data, networks, optimizers, schedules, precision, replay buffers; a checkpoint put into them ----
     dataset = open_dataset(args, log)
     run = build(args, world.device, world.rank, epoch_size=len(dataset))
     if args.amp and run.dtype is None:
-        log("--amp: no bfloat16 units on this CPU (AVX512-BF16 or AMX; emulated, 3x slower): training runs in float32")
+        why = (
+            "not on MPS"
+            if run.device.type == "mps"
+            else "no bfloat16 units on this CPU (AVX512-BF16 or AMX; emulated, 3x slower)"
+        )
+        log(f"--amp: {why}: training runs in float32")
     try:
         saved_ranks = restore(run, ckpt, args, world.rank, world.size) if ckpt is not None else None
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:  # a damaged or foreign file
-        raise UserError(f"{resume_path(args)} does not fit these networks ({type(e).__name__}: "
-                        f"{first_line(e)[:200]}): is it a checkpoint of train.py?") from None
+        raise UserError(
+            f"{resume_path(args)} does not fit these networks ({type(e).__name__}: "
+            f"{first_line(e)[:200]}): is it a checkpoint of train.py?"
+        ) from None
     done = run.epoch >= args.n_epochs  # resumed once more: the last epoch end is finished, nothing is trained
     if not done:
         log(start_line(run, ckpt, args, world, saved_ranks))
 
     # ---- The step: one function; DDP wraps its two losses, CUDA replays it as one graph ----
     eager_step = make_step(run, args, world.ddp)
-    capture = world.device.type == "cuda" and not (args.eager or world.ddp or run.scaler.is_enabled())
+    features = device_features(world.device)
+    capture = features.graphs and not (args.eager or world.ddp or run.scaler.is_enabled())
     fast_step = CudaGraphStep(eager_step) if capture else eager_step  # a smaller last batch runs eagerly
-    if world.device.type == "cuda" and not capture and not done:
+    if features.graphs and not capture and not done:
         log("the step runs eagerly: " + ("--eager" if args.eager else "DDP" if world.ddp else "float16 loss scaling"))
-    loader = train_loader(dataset, args.batchSize, args.n_cpu, args.cuda, args.seed, world.rank, world.size)
+    loader = train_loader(dataset, args.batchSize, args.n_cpu, features.pin_memory, args.seed, world.rank, world.size)
     logger = run_logger(args, world, LOSS_NAMES, steps_per_epoch(run, args, world.size) * args.n_epochs, run)
     stopper = Stopper(world.control, world.rank)  # Ctrl-C / SIGTERM: finish the step, save, exit
     epoch_end = EpochEnd(args, ckpt and run.epoch, world.device) if world.is_main else None
-    if epoch_end and ckpt and run.epoch > 0 and run.sample == 0:  # resumed at an epoch end: finish what a kill cut short
+    if (
+        epoch_end and ckpt and run.epoch > 0 and run.sample == 0
+    ):  # resumed at an epoch end: finish what a kill cut short
         epoch_end(run, logger)
 
     # ---- The epochs: each ends with a checkpoint, then (rank 0) generators, samples, FID/KID, figures ----
@@ -355,7 +519,9 @@ def open_output(args, is_main):
 def open_dataset(args, log):
     """The training split; files that cannot be images are left out, and named."""
     try:
-        dataset = ImageDataset(args.dataroot, args.size, args.input_nc, args.output_nc, seed=args.seed, load_size=args.load_size)
+        dataset = ImageDataset(
+            args.dataroot, args.size, args.input_nc, args.output_nc, seed=args.seed, load_size=args.load_size
+        )
     except ValueError as e:
         raise UserError(e) from None
     if dataset.skipped:
@@ -365,13 +531,19 @@ def open_dataset(args, log):
 
 def start_line(run, ckpt, args, world, saved_ranks):
     """What starts: a resumed run (and what a new number of processes changes), or a new one."""
+    if ckpt is None and args.epoch:
+        return (
+            f"--epoch {args.epoch}: a NEW run whose learning-rate schedule starts at epoch {args.epoch}; to continue "
+            f"a run use --resume"
+        )
     if ckpt is None:
-        return (f"--epoch {args.epoch}: a NEW run whose learning-rate schedule starts at epoch {args.epoch}; to continue "
-                f"a run use --resume" if args.epoch else f"new run, seed {args.seed}" + f", {world.size} processes" * world.ddp)
+        return f"new run, seed {args.seed}, {world.size} processes" if world.ddp else f"new run, seed {args.seed}"
     line = f"resuming from epoch {run.epoch + 1}, step {run.step} (seed {args.seed})"
     if saved_ranks != world.size:
-        line = (f"the run had {saved_ranks} process(es), this one has {world.size}: ranks beyond the run's start with "
-                f"empty replay buffers, and each epoch now takes {steps_per_epoch(run, args, world.size)} steps\n{line}")
+        line = (
+            f"the run had {saved_ranks} process(es), this one has {world.size}: ranks beyond the run's start with "
+            f"empty replay buffers, and each epoch now takes {steps_per_epoch(run, args, world.size)} steps\n{line}"
+        )
     return line
 
 
@@ -400,10 +572,16 @@ def train_epoch(run, args, world, loader, steps, logger, stopper, epoch_end=None
         stopped = stopper()
         save_now = at_end or stopped or (args.save_freq and run.step % args.save_freq == 0)
         if run.step % args.display_freq == 0 or save_now:
-            images = dict(real_A=real_A[0], fake_B=fake_B[0], rec_A=rec_A[0], real_B=real_B[0], fake_A=fake_A[0], rec_B=rec_B[0])
+            images = dict(
+                real_A=real_A[0], fake_B=fake_B[0], rec_A=rec_A[0], real_B=real_B[0], fake_A=fake_A[0], rec_B=rec_B[0]
+            )
             try:  # checks every loss is finite, before anything is saved
-                logger.flush(run.step, run.epoch + run.sample / run.epoch_size,
-                             args.lr * run.lr_lambda(run.lr_scheduler_G.last_epoch), images)
+                logger.flush(
+                    run.step,
+                    run.epoch + run.sample / run.epoch_size,
+                    args.lr * run.lr_lambda(run.lr_scheduler_G.last_epoch),
+                    images,
+                )
             except FloatingPointError as e:
                 logger.close()
                 ckpt = Path(args.output_dir) / "checkpoint.pth"
@@ -427,13 +605,18 @@ def finish(run, args, world, stopped, saved, done=False):
     """The run's last word: where its generators are, or how to continue it (done: all epochs were done before)."""
     out = Path(args.output_dir)
     if not saved:
-        raise UserError(f"the last checkpoint could not be written; free space in {out} and run: "
-                        f"{resume_command(args)}")
+        raise UserError(
+            f"the last checkpoint could not be written; free space in {out} and run: {resume_command(args)}"
+        )
     if world.is_main:
-        print(f"all {args.n_epochs} epochs of this run are done ({run.step} steps); to train longer, resume with a "
-              f"larger --n_epochs" if done else f"stopped at step {run.step}; continue with:\n  {resume_command(args)}"
-              if stopped else f"done: {args.n_epochs} epochs, {run.step} steps; generators in {out}/netG_A2B.pth and "
-                              f"netG_B2A.pth")
+        print(
+            f"all {args.n_epochs} epochs of this run are done ({run.step} steps); to train longer, resume with a "
+            f"larger --n_epochs"
+            if done
+            else f"stopped at step {run.step}; continue with:\n  {resume_command(args)}"
+            if stopped
+            else f"done: {args.n_epochs} epochs, {run.step} steps; generators in {out}/netG_A2B.pth and netG_B2A.pth"
+        )
     if world.ddp:
         dist.destroy_process_group()
 

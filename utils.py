@@ -1,5 +1,6 @@
 """The seed's utilities, kept small: the replay buffer, the paper's LR decay, requires_grad, image conversion, and the
 one-line messages of mistakes a user can fix."""
+
 import numpy as np
 import torch
 from PIL import Image, ImageOps
@@ -36,26 +37,28 @@ class ReplayBuffer:
             return fakes.detach()
         layout = memory_format_of(fakes)  # D reads what comes out in the networks' layout (channels_last on CUDA)
         if self.data is None:  # rows are written before they are read; untouched pages cost no memory
-            self.data = torch.empty((self.max_size, *fakes.shape[1:]), dtype=torch.float32, device=fakes.device,
-                                    memory_format=layout)
+            self.data = torch.empty(
+                (self.max_size, *fakes.shape[1:]), dtype=torch.float32, device=fakes.device, memory_format=layout
+            )
         seen = []
         for k in range(len(fakes)):  # in order: two fakes of a batch may pick the same slot
             slot, action = choices[k, :1], choices[k, 1]
-            old, new = self.data.index_select(0, slot), fakes[k:k + 1].detach().float()  # (1, C, H, W) each
+            old, new = self.data.index_select(0, slot), fakes[k : k + 1].detach().float()  # (1, C, H, W) each
             seen.append(torch.where(action == self.SWAP, old, new))
             self.data.index_copy_(0, slot, torch.where(action == self.KEEP, old, new))
         return torch.cat(seen).contiguous(memory_format=layout)  # a no-op unless index_select changed the layout
 
     def state_dict(self):
-        rows = [self.data[i:i + 1].to("cpu", memory_format=torch.contiguous_format) for i in range(self.n)]
+        rows = [self.data[i : i + 1].to("cpu", memory_format=torch.contiguous_format) for i in range(self.n)]
         return {"data": rows, "generator": self.generator.get_state()}
 
     def load_state_dict(self, state, device, memory_format=torch.contiguous_format):
         self.n, self.data = len(state["data"]), None
         if state["data"]:
-            self.data = torch.empty((self.max_size, *state["data"][0].shape[1:]), device=device,
-                                    memory_format=memory_format)
-            self.data[:self.n] = torch.cat(state["data"]).to(device)
+            self.data = torch.empty(
+                (self.max_size, *state["data"][0].shape[1:]), device=device, memory_format=memory_format
+            )
+            self.data[: self.n] = torch.cat(state["data"]).to(device)
         self.generator.set_state(state["generator"])
 
 
@@ -101,7 +104,8 @@ def as_image(img, nc=3):
 
 
 def to_tensor(img):
-    """PIL image (RGB or L) -> (C, H, W) float tensor in [-1, 1]; the same numbers as torchvision's to_tensor * 2 - 1."""
+    """PIL image (RGB or L) -> (C, H, W) float tensor in [-1, 1]; the same numbers as torchvision's
+    to_tensor * 2 - 1."""
     x = torch.from_numpy(np.asarray(img, dtype=np.float32).reshape(img.size[1], img.size[0], -1) / 255)
     return x.permute(2, 0, 1).contiguous() * 2 - 1
 

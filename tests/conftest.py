@@ -1,4 +1,5 @@
 """Shared fixtures: tiny image folders in every PIL mode, and a runner for the repository's scripts."""
+
 import os
 import subprocess
 import sys
@@ -51,8 +52,14 @@ def make_dataset(root, n_A=3, n_B=2, size=(40, 36), modes=("RGB",), layout="seed
 def run_script(script, *args, cwd=None, timeout=300, env=None):
     """Run one of the repository's scripts in a subprocess (test.py must not be imported: it shadows stdlib test)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd or ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        cwd=cwd or ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture
@@ -63,8 +70,21 @@ def tiny_data(tmp_path):
 # Flags that make train.py take a few seconds: 32 px crops, 1 epoch of max(|A|, |B|) steps, generators with one
 # residual block (checkpoints of 110 MB, not 340), no visdom.
 # --no_figures: each epoch end would start a process drawing plots/ (tests/test_figures.py and test_epoch_end.py do)
-QUICK = ["--size", "32", "--n_epochs", "1", "--decay_epoch", "0", "--n_cpu", "0", "--seed", "0", "--n_blocks", "1",
-         "--no_figures"]
+QUICK = [
+    "--size",
+    "32",
+    "--n_epochs",
+    "1",
+    "--decay_epoch",
+    "0",
+    "--n_cpu",
+    "0",
+    "--seed",
+    "0",
+    "--n_blocks",
+    "1",
+    "--no_figures",
+]
 FAST = QUICK + ["--no_visdom"]
 
 

@@ -1,6 +1,7 @@
 """--attention (generators that say where they translate): the blend with the input, the file test.py recognises,
 the maps in the sheets, on disk and on both pages; an attention run resumes bit for bit after SIGKILL (with --amp,
 FID during training, figures) and runs under torchrun."""
+
 import contextlib
 import signal
 
@@ -45,8 +46,12 @@ def test_the_maps_learn_from_the_adversarial_loss_and_not_from_cycle_or_identity
     torch.manual_seed(0)
     G_A2B, G_B2A = models.AttentionGenerator(3, 1), models.AttentionGenerator(3, 1)
     loss = models.GeneratorLoss(G_A2B, G_B2A, 10.0, 0.5, lambda_tv=1.0)
-    (_, loss_identity, loss_gan, loss_cycle), _ = loss(torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1,
-                                                       models.Discriminator(3), models.Discriminator(3))
+    (_, loss_identity, loss_gan, loss_cycle), _ = loss(
+        torch.rand(1, 3, 32, 32) * 2 - 1,
+        torch.rand(1, 3, 32, 32) * 2 - 1,
+        models.Discriminator(3),
+        models.Discriminator(3),
+    )
     last = G_A2B.model[-1].weight  # (4, 64, 7, 7): 3 content filters, then the map's
     for term, map_gets_it in ((loss_gan, True), (loss_cycle, False), (loss_identity, False)):
         grad = torch.autograd.grad(term, last, retain_graph=True)[0]
@@ -72,11 +77,16 @@ def test_test_py_loads_an_attention_generator_from_its_file_under_any_names(tmp_
 
 def test_the_sheet_shows_each_translations_map(monkeypatch):
     import epoch_end
+
     seen = {}
-    monkeypatch.setattr(epoch_end, "labelled_grid", lambda rows, labels, columns: seen.update(rows=rows, columns=columns))
+    monkeypatch.setattr(
+        epoch_end, "labelled_grid", lambda rows, labels, columns: seen.update(rows=rows, columns=columns)
+    )
     G_A2B, G_B2A = models.AttentionGenerator(3, 1).eval(), models.AttentionGenerator(3, 1).eval()
     samples = {"A": [torch.rand(3, 16, 16) * 2 - 1], "B": [torch.rand(3, 16, 16) * 2 - 1]}
-    epoch_end.sample_sheet(G_A2B, G_B2A, samples, torch.device("cpu"), torch.contiguous_format, contextlib.nullcontext())
+    epoch_end.sample_sheet(
+        G_A2B, G_B2A, samples, torch.device("cpu"), torch.contiguous_format, contextlib.nullcontext()
+    )
     assert seen["columns"] == ["real", "translated", "reconstructed", "identity", "attention"]
     _, a = G_B2A(samples["B"][0][None], attention=True)
     assert (seen["rows"][1][4] == epoch_end.tensor2image(a[0] * 2 - 1)).all()  # row B1: G_B2A's map, grey as RGB
@@ -113,7 +123,9 @@ def test_an_attention_run_resumes_bit_for_bit_and_shows_its_maps(data, tmp_path)
     assert len(list((out / "attention_A").iterdir())) == 2
     index = Links()
     index.feed((out / "index.html").read_text())
-    assert "attention_B/img%200%20RGB.png" in index.links and "G_A2B&#x27;s attention" in (out / "index.html").read_text()
+    assert (
+        "attention_B/img%200%20RGB.png" in index.links and "G_A2B&#x27;s attention" in (out / "index.html").read_text()
+    )
     page = Links()
     page.feed((out / "training.html").read_text())
     assert sheet in page.links and "index.html" in page.links
@@ -121,8 +133,23 @@ def test_an_attention_run_resumes_bit_for_bit_and_shows_its_maps(data, tmp_path)
 
 def test_an_attention_run_with_two_discriminator_scales_under_torchrun_with_amp(data, tmp_path):
     """Both research options and --amp in one torchrun job (the suite has 10 minutes; each is also tested alone)."""
-    r = torchrun(tmp_path, 2, "--dataroot", data, "--output_dir", tmp_path / "ddp", *FAST, "--attention",
-                 "--size", "48", "--d_scales", "2", "--display_freq", "1", "--amp")
+    r = torchrun(
+        tmp_path,
+        2,
+        "--dataroot",
+        data,
+        "--output_dir",
+        tmp_path / "ddp",
+        *FAST,
+        "--attention",
+        "--size",
+        "48",
+        "--d_scales",
+        "2",
+        "--display_freq",
+        "1",
+        "--amp",
+    )
     assert r.returncode == 0, r.stderr
     ckpt = torch.load(tmp_path / "ddp" / "checkpoint.pth", weights_only=True)
     assert ckpt["world_size"] == 2 and last_filters(ckpt["G_B2A"]) == 4

@@ -1,4 +1,5 @@
 """Files a real training folder holds: odd modes, broken images, and files that are not images at all."""
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +14,7 @@ def truncated_jpeg(path, seed=0):
     """A JPEG cut in half, as a download cut short leaves it: its header opens, decoding raises."""
     write_image(path, "RGB", (40, 36), seed=seed)
     data = path.read_bytes()
-    path.write_bytes(data[:len(data) // 2])
+    path.write_bytes(data[: len(data) // 2])
     return path
 
 
@@ -51,7 +52,9 @@ def messy_data(root):
 @pytest.mark.parametrize("n_cpu", ["0", "2"])
 def test_an_epoch_on_a_messy_folder_reports_exactly_the_bad_files(tmp_path, n_cpu):
     root, bad = messy_data(tmp_path / "data")
-    r = run_script("train.py", "--dataroot", root, "--output_dir", tmp_path / "out", *FAST, "--n_cpu", n_cpu, "--size", "24")
+    r = run_script(
+        "train.py", "--dataroot", root, "--output_dir", tmp_path / "out", *FAST, "--n_cpu", n_cpu, "--size", "24"
+    )
     assert r.returncode == 0, r.stderr
     assert "done: 1 epochs, 9 steps" in r.stdout  # |A| = |B| = 9 readable files (the truncated one counts)
     output = r.stdout + r.stderr

@@ -99,9 +99,13 @@ def test_demo_objects_are_the_same_in_both_seasons_and_leave_the_rest_of_each_sc
     root = make_demo(tmp_path / "objects", size=24, n_train=1, n_test=3, objects=True)
     for k in range(3):
         name = f"{k:04d}.png"
-        summer, winter, before = (np.asarray(Image.open(r / "test" / d / name), dtype=int)
-                                  for r, d in ((root, "A"), (root, "truth_B"), (plain, "A")))
-        keep = np.asarray(Image.open(root / "test" / "mask_A" / name))  # black on the house: test.py --mask_dir keeps it
+        summer, winter, before = (
+            np.asarray(Image.open(r / "test" / d / name), dtype=int)
+            for r, d in ((root, "A"), (root, "truth_B"), (plain, "A"))
+        )
+        keep = np.asarray(
+            Image.open(root / "test" / "mask_A" / name)
+        )  # black on the house: test.py --mask_dir keeps it
         house, elsewhere = keep == 0, keep == 255
         assert 4 < house.sum() < 0.25 * keep.size and house.sum() + elsewhere.sum() < keep.size  # soft edges between
         assert (summer[house] == winter[house]).all() and (summer[house] != before[house]).any()
@@ -126,7 +130,9 @@ def test_ranks_take_equal_shares_that_cover_the_epoch_and_resume_on_another_worl
 def test_the_augmentation_equals_torchvisions_transforms(tmp_path):
     """datasets.py uses PIL directly (torchvision's import costs seconds of start-up): the same numbers."""
     import torchvision.transforms.functional as TF
+
     from datasets import resize_shorter_side, to_tensor
+
     for size, mode in (((57, 31), "RGB"), ((31, 57), "L"), ((36, 36), "RGB"), ((200, 120), "RGB")):
         img = Image.open(write_image(tmp_path / f"{size}{mode}.png", mode, size))
         for side in (26, 36, 143):

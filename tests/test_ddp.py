@@ -1,4 +1,5 @@
 """torchrun + DistributedDataParallel on the CPU (gloo, 2 processes): ranks stay in step and nothing is lost."""
+
 import contextlib
 import csv
 import os
@@ -66,8 +67,18 @@ except SystemExit as e:  # each rank's exit status, for the test to read
 def torchrun(tmp_path, n, *args, mode="none", out_file="", background=False):
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(WRAPPER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", str(wrapper),
-           str(ROOT), mode, str(out_file), *map(str, args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={n}",
+        str(wrapper),
+        str(ROOT),
+        mode,
+        str(out_file),
+        *map(str, args),
+    ]
     env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch_home")}  # FID's cached features of the real images
     if background:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -114,8 +125,22 @@ def one_step(tmp_path_factory):
     """2 processes x batch 1 on 2 A images (one step), replay buffers off; FID/KID and a sample sheet at the end."""
     tmp = tmp_path_factory.mktemp("ddp")
     data = make_dataset(tmp / "data", n_A=2, n_B=2, size=(28, 30), modes=("RGB", "L"))
-    r = torchrun(tmp, 2, "--dataroot", data, "--output_dir", tmp / "out", *RUN, "--pool_size", "0", "--eval_freq", "1",
-                 "--n_samples", "1", mode="tiny")
+    r = torchrun(
+        tmp,
+        2,
+        "--dataroot",
+        data,
+        "--output_dir",
+        tmp / "out",
+        *RUN,
+        "--pool_size",
+        "0",
+        "--eval_freq",
+        "1",
+        "--n_samples",
+        "1",
+        mode="tiny",
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     return tmp, data, r
 
@@ -133,15 +158,29 @@ def test_a_torchrun_run_writes_one_set_of_files(one_step):
     tmp, _, r = one_step
     out = tmp / "out"
     assert r.stdout.count("new run, seed 0, 2 processes") == 1 and r.stdout.count("done: 1 epochs, 1 steps") == 1
-    for name, net in (("netG_A2B", Generator(3, 3, 1)), ("netG_B2A", Generator(3, 3, 1)), ("netD_A", Discriminator(3)),
-                      ("netD_B", Discriminator(3))):
+    for name, net in (
+        ("netG_A2B", Generator(3, 3, 1)),
+        ("netG_B2A", Generator(3, 3, 1)),
+        ("netD_A", Discriminator(3)),
+        ("netD_B", Discriminator(3)),
+    ):
         net.load_state_dict(torch.load(out / f"{name}.pth", weights_only=True))
     ckpt, _ = states(out)
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == len(ckpt["fake_A_buffer"]) == 2
     assert [row["step"] for row in loss_rows(out)] == ["1"]  # one writer
-    assert sorted(p.name for p in out.iterdir()) == sorted([".lock", "checkpoint.pth", "losses.csv", "metrics.csv",
-                                                            "netD_A.pth", "netD_B.pth", "netG_A2B.pth", "netG_B2A.pth",
-                                                            "samples"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [
+            ".lock",
+            "checkpoint.pth",
+            "losses.csv",
+            "metrics.csv",
+            "netD_A.pth",
+            "netD_B.pth",
+            "netG_A2B.pth",
+            "netG_B2A.pth",
+            "samples",
+        ]
+    )
     assert r.stdout.count("epoch 1: FID A2B") == 1 and len((out / "metrics.csv").read_text().splitlines()) == 2
     assert [p.name for p in (out / "samples").iterdir()] == ["epoch_001.png"]
 
@@ -159,8 +198,24 @@ def test_two_ranks_of_batch_1_equal_one_process_of_batch_2(one_step, tmp_path):
     and of batch 2 round differently; in float64 the two agree to 1e-16."""
     tmp, data, _ = one_step
     one = tmp_path / "one"
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--dataroot", str(data), "--output_dir", str(one), *RUN,
-                        "--pool_size", "0", "--batchSize", "2"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--dataroot",
+            str(data),
+            "--output_dir",
+            str(one),
+            *RUN,
+            "--pool_size",
+            "0",
+            "--batchSize",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     (ddp, _), (single, _) = states(tmp / "out"), states(one)
     for opt, tolerance in (("optimizer_D", 1e-5), ("optimizer_G", 1e-2)):
@@ -192,8 +247,12 @@ def test_sigkill_of_the_job_then_resume_on_2_processes_is_exact_and_on_1_finishe
         assert all(torch.equal(x, y) for ra, rb in zip(a[k], b[k]) for x, y in zip(ra["data"], rb["data"]))
     assert loss_rows(out) == loss_rows(reference / "out")
 
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", "--output_dir", str(tmp_path / "on1")],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--resume", "--output_dir", str(tmp_path / "on1")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     if killed_at < 6:
         assert "the run had 2 process(es), this one has 1" in r.stdout
@@ -210,11 +269,22 @@ def wait_for_checkpoint(out, proc):
         time.sleep(0.05)
 
 
-def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step_saves_once_and_resumes_exactly(data, reference,
-                                                                                                  tmp_path):
+def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step_saves_once_and_resumes_exactly(
+    data, reference, tmp_path
+):
     out = tmp_path / "run"
-    proc = torchrun(tmp_path, 2, "--dataroot", data, "--output_dir", out, *LONG, mode="exit", out_file=tmp_path / "exit",
-                    background=True)
+    proc = torchrun(
+        tmp_path,
+        2,
+        "--dataroot",
+        data,
+        "--output_dir",
+        out,
+        *LONG,
+        mode="exit",
+        out_file=tmp_path / "exit",
+        background=True,
+    )
     wait_for_checkpoint(out, proc)
     proc.send_signal(signal.SIGTERM)  # torchrun passes it on to each rank's process group
     stdout, _ = proc.communicate(timeout=120)
@@ -225,7 +295,7 @@ def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step_saves_once_and
         assert "torchrun --nproc_per_node=2 train.py --resume" in stdout
     r = torchrun(tmp_path, 2, "--resume", "--output_dir", out)
     assert r.returncode == 0, r.stdout + r.stderr
-    (a, nets_a), (b, nets_b) = states(out), states(reference / "out")
+    (_, nets_a), (_, nets_b) = states(out), states(reference / "out")
     for net in NETS:
         assert all(torch.equal(nets_a[net][k], v) for k, v in nets_b[net].items()), net
     assert loss_rows(out) == loss_rows(reference / "out")
@@ -233,7 +303,19 @@ def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step_saves_once_and
 
 def test_one_rank_failing_ends_the_whole_job_quickly(data, tmp_path):
     start = time.time()
-    r = torchrun(tmp_path, 2, "--dataroot", data, "--output_dir", tmp_path / "out", *RUN, "--n_epochs", "20",
-                 "--decay_epoch", "1", mode="raise")
+    r = torchrun(
+        tmp_path,
+        2,
+        "--dataroot",
+        data,
+        "--output_dir",
+        tmp_path / "out",
+        *RUN,
+        "--n_epochs",
+        "20",
+        "--decay_epoch",
+        "1",
+        mode="raise",
+    )
     assert r.returncode != 0 and "injected failure on rank 1" in r.stdout + r.stderr
     assert time.time() - start < 30 + 20  # + start-up of two processes on a loaded 2-core machine

@@ -5,22 +5,24 @@ op that meets a CPU tensor fails, and every parameter, buffer, optimizer state, 
 it lives. The CUDA graph's fallback: a capture that fails leaves training going eagerly, from the same state. And
 amp_dtype picks float16 on a GPU that only emulates bfloat16.
 """
+
 import contextlib
 import importlib
 import importlib.util
 import itertools
+import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import checkpoints
 from conftest import FAST, ROOT, make_dataset, run_script
 from datasets import EpochSampler, ImageDataset
 from models import Generator
-import checkpoints
-from runtime import amp_dtype
-from utils import ReplayBuffer
+from runtime import amp_dtype, chosen_device, device_features
+from utils import ReplayBuffer, UserError
 
 train = importlib.import_module("train")
 META = torch.device("meta")
@@ -45,31 +47,57 @@ def net_tensors(net, prefix):
 
 def optimizer_tensors(optimizer, prefix):
     """Every tensor an optimizer holds: its moments and step counts per parameter, and its lr if that is a tensor."""
-    found = [(f"{prefix}.state[{i}].{k}", v) for i, s in enumerate(optimizer.state.values())
-             for k, v in s.items() if torch.is_tensor(v)]
+    found = [
+        (f"{prefix}.state[{i}].{k}", v)
+        for i, s in enumerate(optimizer.state.values())
+        for k, v in s.items()
+        if torch.is_tensor(v)
+    ]
     return found + [(f"{prefix}.lr", g["lr"]) for g in optimizer.param_groups if torch.is_tensor(g["lr"])]
 
 
 @pytest.fixture
 def fused_adam_on_meta(monkeypatch):
     """Fused Adam on meta tensors. PyTorch's check that fused parameters sit on a supported device lets meta through,
-    and its tensor-lr kernel, which has no meta version, is given one that checks where every argument lives.
-    Yields the list of argument names the kernel found off the meta device, per call."""
+    and its kernels (tensor lr, as on CUDA, and float lr, as on MPS) are given meta versions that check where every
+    argument lives. Yields the list of argument names the kernel found off the meta device, per call."""
     adam_module = importlib.import_module("torch.optim.adam")
     check = adam_module._device_dtype_check_for_fused
-    monkeypatch.setattr(adam_module, "_device_dtype_check_for_fused",
-                        lambda p, *a, **k: None if p.is_meta else check(p, *a, **k))
+    monkeypatch.setattr(
+        adam_module, "_device_dtype_check_for_fused", lambda p, *a, **k: None if p.is_meta else check(p, *a, **k)
+    )
     calls = []
 
-    def kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, grad_scale=None,
-               found_inf=None, **hyper):
-        lists = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
-                 "state_steps": state_steps}
-        calls.append(off_device([(f"{k}[{i}]", t) for k, ts in lists.items() for i, t in enumerate(ts)]
-                                + [("lr", lr)]))
+    def kernel(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        state_steps,
+        *,
+        lr,
+        grad_scale=None,
+        found_inf=None,
+        **hyper,
+    ):
+        lists = {
+            "params": params,
+            "grads": grads,
+            "exp_avgs": exp_avgs,
+            "exp_avg_sqs": exp_avg_sqs,
+            "state_steps": state_steps,
+        }
+        tensors = [(f"{k}[{i}]", t) for k, ts in lists.items() for i, t in enumerate(ts)]
+        if torch.is_tensor(lr):
+            tensors.append(("lr", lr))
+        calls.append(off_device(tensors))
 
     lib = torch.library.Library("aten", "IMPL")
     lib.impl("_fused_adam_.tensor_lr", kernel, "Meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "overriding a previously registered kernel": PyTorch's own meta version
+        lib.impl("_fused_adam_", kernel, "Meta")
     yield calls
     lib._destroy()
 
@@ -85,7 +113,12 @@ def finished_run(tmp_path_factory):
 
 
 @pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")  # meta weights hold no values to load
-def test_train_set_up_restore_and_step_keep_every_tensor_on_the_device(finished_run, fused_adam_on_meta):
+@pytest.mark.parametrize("kind", ["cuda", "mps"])
+def test_train_set_up_restore_and_step_keep_every_tensor_on_the_device(
+    finished_run, fused_adam_on_meta, monkeypatch, kind
+):
+    """The meta device stands in for `kind`: what that device type decides (device_features) is the real one's."""
+    monkeypatch.setattr(train, "device_features", lambda device: device_features(torch.device(kind)))
     data, out = finished_run
     args = train.get_parser().parse_args(["--dataroot", str(data), "--output_dir", str(out), "--resume", *FAST])
     ckpt = checkpoints.load_checkpoint(args, train.get_parser(), train.CHECKPOINT_TYPES)  # merges the run's flags
@@ -103,7 +136,10 @@ def test_train_set_up_restore_and_step_keep_every_tensor_on_the_device(finished_
     assert off_device(tensors) == []
     assert sum("state" in name for name, _ in tensors) == 3 * sum(len(list(n.parameters())) for n in run.nets.values())
     lr_G, lr_D = run.optimizer_G.param_groups[0]["lr"], run.optimizer_D.param_groups[0]["lr"]
-    assert lr_G.is_meta and lr_D.is_meta and lr_G is not lr_D  # the two schedules never write into each other's lr
+    if kind == "cuda":  # a captured graph reads the lr from device memory
+        assert lr_G.is_meta and lr_D.is_meta and lr_G is not lr_D  # the schedules never write into each other's lr
+    else:  # MPS runs the step eagerly: plain float lrs, non-capturable Adam
+        assert type(lr_G) is type(lr_D) is float and not run.optimizer_G.param_groups[0]["capturable"]
     assert run.memory_format == torch.channels_last
 
     dataset = ImageDataset(data, args.size, seed=args.seed)
@@ -137,11 +173,13 @@ def test_test_script_puts_generators_and_images_on_the_device(tmp_path):
     args = test_script.get_parser().parse_args(["--dataroot", str(data), "--output_dir", str(tmp_path)])
     jobs = test_script.jobs_of(args, META)
     layout, autocast = test_script.precision(META)
-    for src, files, nc, G, G_path, G_back in jobs:
+    for _, _, nc, G, _, G_back in jobs:
         assert off_device(net_tensors(G, "G") + net_tensors(G_back, "G_back")) == []
         images = torch.rand(2, nc, 36, 40) * 2 - 1  # as the loader hands them over, on the CPU
         results = test_script.translate_batch(G, G_back, images, META, layout, autocast)
-        assert [(r.device.type, r.dtype, tuple(r.shape)) for r in results] == [("meta", torch.uint8, (2, 3, 36, 40))] * 3
+        assert [(r.device.type, r.dtype, tuple(r.shape)) for r in results] == [
+            ("meta", torch.uint8, (2, 3, 36, 40))
+        ] * 3
 
 
 class FailingCapture(TorchDispatchMode):
@@ -176,16 +214,22 @@ def fake_cuda_streams(monkeypatch):
         record.graphs += 1
         return object()
 
-    for name, value in {"Stream": lambda: stream, "current_stream": lambda: stream,
-                        "stream": lambda s: contextlib.nullcontext(), "CUDAGraph": new_graph,
-                        "graph": FailingCapture, "set_stream": record.set_streams.append}.items():
+    for name, value in {
+        "Stream": lambda: stream,
+        "current_stream": lambda: stream,
+        "stream": lambda s: contextlib.nullcontext(),
+        "CUDAGraph": new_graph,
+        "graph": FailingCapture,
+        "set_stream": record.set_streams.append,
+    }.items():
         monkeypatch.setattr(torch.cuda, name, value)
     record.stream = stream
     return record
 
 
 def test_a_failed_capture_leaves_one_line_and_the_run_goes_on_eagerly_from_the_same_state(
-        finished_run, fake_cuda_streams, capsys):
+    finished_run, fake_cuda_streams, capsys
+):
     data, _ = finished_run
     args = train.get_parser().parse_args(["--dataroot", str(data), *FAST, "--pool_size", "3"])
     g = torch.Generator().manual_seed(1)
@@ -197,9 +241,14 @@ def test_a_failed_capture_leaves_one_line_and_the_run_goes_on_eagerly_from_the_s
         step = train.make_step(run, args)
         step = train.CudaGraphStep(step, warmup=1) if graph else step
         losses = [step(a, b, *(buf.draw(2) for buf in run.buffers))[0] for a, b in batches]
-        runs.append((torch.stack(losses), [t for net in run.nets.values() for t in net.state_dict().values()],
-                     [t for o in (run.optimizer_G, run.optimizer_D) for _, t in optimizer_tensors(o, "")],
-                     [b.data for b in run.buffers]))
+        runs.append(
+            (
+                torch.stack(losses),
+                [t for net in run.nets.values() for t in net.state_dict().values()],
+                [t for o in (run.optimizer_G, run.optimizer_D) for _, t in optimizer_tensors(o, "")],
+                [b.data for b in run.buffers],
+            )
+        )
     (eager_losses, *eager_state), (graph_losses, *graph_state) = runs
     assert torch.equal(graph_losses, eager_losses)
     for eager, graph in zip(eager_state, graph_state):
@@ -207,8 +256,10 @@ def test_a_failed_capture_leaves_one_line_and_the_run_goes_on_eagerly_from_the_s
     assert fake_cuda_streams.graphs == 1  # tried once, not at every step
     assert fake_cuda_streams.set_streams == [fake_cuda_streams.stream]  # back on the stream it started from
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == ["CUDA graph capture failed (RuntimeError: operation not permitted when stream is capturing); "
-                     "the step runs eagerly from here on (as with --eager)"]
+    assert lines == [
+        "CUDA graph capture failed (RuntimeError: operation not permitted when stream is capturing); "
+        "the step runs eagerly from here on (as with --eager)"
+    ]
 
 
 def test_the_replay_buffer_keeps_and_returns_the_fakes_layout():
@@ -221,9 +272,16 @@ def test_the_replay_buffer_keeps_and_returns_the_fakes_layout():
     assert all(row.is_contiguous() for row in buffer.state_dict()["data"])  # checkpoints stay in the plain layout
 
 
-@pytest.mark.parametrize("avx512, avx512_bf16, amx, native", [(False, False, False, False), (True, False, False, False),
-                                                              (True, True, False, True), (True, True, True, True),
-                                                              (True, False, True, True)])
+@pytest.mark.parametrize(
+    "avx512, avx512_bf16, amx, native",
+    [
+        (False, False, False, False),
+        (True, False, False, False),
+        (True, True, False, True),
+        (True, True, True, True),
+        (True, False, True, True),
+    ],
+)
 def test_amp_dtype_takes_bfloat16_on_a_cpu_only_where_it_is_native(monkeypatch, avx512, avx512_bf16, amx, native):
     """oneDNN emulates bfloat16 on any AVX-512 CPU (there --amp ran at a third of fp32's speed): a CPU needs the
     AVX512-BF16 instructions or AMX tiles for --amp to take bfloat16; otherwise it trains in float32."""
@@ -242,3 +300,68 @@ def test_amp_dtype_takes_float16_where_bfloat16_is_only_emulated(monkeypatch, ma
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(major=major))
     monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # emulation works
     assert amp_dtype(torch.device("cuda")) == (torch.bfloat16 if native else torch.float16)
+
+
+def device_args(device=None, cuda=False):
+    return SimpleNamespace(device=device, cuda=cuda)
+
+
+@pytest.mark.parametrize(
+    "device, cuda, gpus, message",
+    [
+        (None, True, 0, "--cuda was given but PyTorch sees no CUDA GPU; drop --cuda to run on the CPU"),
+        ("cuda", False, 0, "--device cuda was given but PyTorch sees no CUDA GPU; drop --device to run on the CPU"),
+        ("cuda:2", False, 2, "--device cuda:2: PyTorch sees 2 CUDA GPU(s) here, cuda:0 to cuda:1"),
+        ("cpu", True, 1, "--cuda and --device cpu disagree: give one of them"),
+        ("gpu", False, 1, "--device gpu: not a device name; use cpu, cuda, cuda:N or mps"),
+        ("xpu", False, 1, "--device xpu: this program runs on cpu, cuda, cuda:N or mps"),
+        ("mps", False, 0, "--device mps: PyTorch sees no Apple GPU (MPS) here; use --device cpu"),
+    ],
+)
+def test_a_device_this_machine_does_not_have_is_one_line(monkeypatch, device, cuda, gpus, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(UserError) as e:
+        chosen_device(device_args(device, cuda))
+    assert str(e.value) == message
+
+
+def test_devices_that_exist_are_chosen_and_cuda_is_the_seeds_alias(monkeypatch):
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert chosen_device(device_args()) == torch.device("cpu")
+    assert chosen_device(device_args(cuda=True)) == torch.device("cuda")
+    assert chosen_device(device_args("cuda", cuda=True)) == torch.device("cuda")
+    assert chosen_device(device_args("mps")) == torch.device("mps")
+    assert current == []  # "cuda" keeps PyTorch's current GPU, as --cuda always did
+    assert chosen_device(device_args("cuda:1")) == torch.device("cuda", 1)
+    assert current == [torch.device("cuda", 1)]  # streams, graphs and free memory follow the current GPU
+    features = {kind: device_features(torch.device(kind)) for kind in ("cpu", "cuda", "mps")}
+    assert [f.graphs for f in features.values()] == [False, True, False]
+    assert [f.pin_memory for f in features.values()] == [False, True, False]
+    assert [f.memory_format for f in features.values()] == [torch.contiguous_format] + [torch.channels_last] * 2
+
+
+def test_the_printed_resume_command_keeps_the_device():
+    args = SimpleNamespace(output_dir="runs/x", fid_weights=None, device="cuda:1", cuda=False)
+    assert checkpoints.resume_command(args) == "python train.py --resume --output_dir runs/x --device cuda:1"
+    args.device, args.cuda = None, True
+    assert checkpoints.resume_command(args) == "python train.py --resume --output_dir runs/x --cuda"
+
+
+@pytest.mark.parametrize("script", ["train.py", "test.py", "export.py"])
+def test_each_script_refuses_an_unknown_device_in_one_line(tmp_path, script):
+    out = tmp_path / "out"
+    flags = {
+        "train.py": ["--dataroot", tmp_path, "--output_dir", out],
+        "test.py": ["--dataroot", tmp_path, "--output_dir", out],
+        "export.py": ["--generator", tmp_path / "G.pth", "--output", out / "G.onnx"],
+    }[script]
+    r = run_script(script, "--device", "cuda:7", *flags)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert "--device cuda:7" in r.stderr.strip().splitlines()[-1]
+    assert not out.exists()  # refused before anything was written

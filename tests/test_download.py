@@ -1,4 +1,5 @@
 """datasets.py download / pretrained against a loopback HTTP server that honours Range, or misbehaves on request."""
+
 import http.server
 import io
 import re
@@ -60,7 +61,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if srv.mode in ("cut", "stall") and len(srv.log) == 1:  # first answer: half the body, then hang up or go quiet
-            self.wfile.write(body[:len(body) // 2])
+            self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
             if srv.mode == "stall":
                 time.sleep(3)
@@ -70,7 +71,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def hostile(self, mode):
         self.send_response(200)
         if mode == "huge_length":
-            self.send_header("Content-Length", str(10 ** 13))
+            self.send_header("Content-Length", str(10**13))
         self.end_headers()
         chunk, pause = (b"x" * (1 << 16), 0) if mode != "trickle" else (b"x", 0.05)
         deadline = time.monotonic() + 10
@@ -106,8 +107,9 @@ def png(seed):
 
 def authors_zip(extra=(), compression=zipfile.ZIP_DEFLATED):
     """A data set zip as the authors ship them (NAME/trainA/...), names with spaces; `extra` adds (ZipInfo, bytes)."""
-    images = {f"{NAME}/{folder}/{i} {folder} photo.png": png(k * 10 + i)
-              for k, folder in enumerate(FOLDERS) for i in range(2)}
+    images = {
+        f"{NAME}/{folder}/{i} {folder} photo.png": png(k * 10 + i) for k, folder in enumerate(FOLDERS) for i in range(2)
+    }
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression) as zf:
         for folder in FOLDERS:
@@ -130,8 +132,9 @@ def assert_unpacked(root, images):
     for name, data in images.items():
         _, folder, file = name.split("/")
         assert (target / FOLDERS[folder] / file).read_bytes() == data
-    assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*.png")) == \
-        sorted(f"{FOLDERS[n.split('/')[1]]}/{n.split('/')[2]}" for n in images)
+    assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*.png")) == sorted(
+        f"{FOLDERS[n.split('/')[1]]}/{n.split('/')[2]}" for n in images
+    )
     assert [p.name for p in root.iterdir()] == [NAME]  # no zip, .part or temporary folder left
 
 

@@ -1,6 +1,7 @@
 """What train.py leaves at each epoch end, end to end: metrics.csv (--eval_freq, a tiny registered feature extractor
 standing in for Inception), the fixed-sample sheets, the figures and training.html, --keep_best; after a SIGKILL
 before any step of an epoch end and --resume, the files of the uninterrupted run; what fails costs one line."""
+
 import csv
 import hashlib
 import html.parser
@@ -20,9 +21,25 @@ from conftest import QUICK, ROOT, make_dataset, run_script
 from test_resume import assert_same_run
 
 # 2 epochs of 6 steps at 24 px (a checkpoint every 2 steps), FID/KID after each, 2 fixed images per domain, figures.
-RUN = [*[f for f in QUICK if f != "--no_figures"], "--no_visdom", "--size", "24", "--n_epochs", "2",
-       "--decay_epoch", "1", "--save_freq", "2", "--display_freq", "1", "--eval_freq", "1", "--keep_best",
-       "--n_samples", "2"]
+RUN = [
+    *[f for f in QUICK if f != "--no_figures"],
+    "--no_visdom",
+    "--size",
+    "24",
+    "--n_epochs",
+    "2",
+    "--decay_epoch",
+    "1",
+    "--save_freq",
+    "2",
+    "--display_freq",
+    "1",
+    "--eval_freq",
+    "1",
+    "--keep_best",
+    "--n_samples",
+    "2",
+]
 # Runs train.py with no network, and the tests' tiny extractor in place of Inception unless told "inception".
 # KILL_BEFORE=STEP: the process SIGKILLs itself when the last epoch's end (KILL_EPOCH's, if set) is about to take
 # that step of EpochEnd.STEPS ("close": after the last step). argv: ROOT TESTS EXTRACTOR train-args...
@@ -52,15 +69,28 @@ if os.environ.get("EVENTS"):  # the redraws asked for and the checkpoints writte
             return original(*args, **kwargs)
         return call
     figures.Background.submit = logged(figures.Background.submit, lambda args: "redraw")
-    checkpoints.try_save = logged(checkpoints.try_save, lambda args: "save " + args[1].name)  # train.py's, not yet imported
+    # train.py's, not yet imported
+    checkpoints.try_save = logged(checkpoints.try_save, lambda args: "save " + args[1].name)
 sys.argv = [root + "/train.py"] + sys.argv[4:]
 runpy.run_path(root + "/train.py", run_name="__main__")
 """
 
 
 def train(data, out, *extra, background=False, extractor="tiny", kill_before=None, env=None):
-    cmd = [sys.executable, "-c", WRAPPER, str(ROOT), str(ROOT / "tests"), extractor, "--dataroot", str(data),
-           "--output_dir", str(out), *RUN, *extra]
+    cmd = [
+        sys.executable,
+        "-c",
+        WRAPPER,
+        str(ROOT),
+        str(ROOT / "tests"),
+        extractor,
+        "--dataroot",
+        str(data),
+        "--output_dir",
+        str(out),
+        *RUN,
+        *extra,
+    ]
     env = {**os.environ, "TORCH_HOME": str(out.parent / "torch_home"), **(env or {})}  # the cached features go here
     if kill_before:
         env["KILL_BEFORE"] = kill_before
@@ -107,20 +137,35 @@ def test_every_epoch_leaves_metrics_samples_figures_and_a_page(reference):
     best = min(rows, key=lambda row: float(row["fid_A2B"]) + float(row["fid_B2A"]))
     assert (out / "best_netG_A2B.pth").is_file() and (out / "best_netG_B2A.pth").is_file()
     if best["epoch"] == "2":  # kept at the best epoch: the last one's generators are then the same
-        assert all(torch.equal(a, b) for a, b in zip(torch.load(out / "best_netG_A2B.pth").values(),
-                                                      torch.load(out / "netG_A2B.pth").values()))
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(torch.load(out / "best_netG_A2B.pth").values(), torch.load(out / "netG_A2B.pth").values())
+        )
     for epoch in (1, 2):  # 2 + 2 test images, 4 columns (identity too), cells enlarged to 128 px
         sheet = Image.open(out / "samples" / f"epoch_{epoch:03d}.png")
         assert sheet.mode == "RGB" and sheet.width > 4 * 128 and sheet.height > 4 * 128
-    for svg in ("loss_G", "loss_D", "loss_G_cycle", "loss_G_GAN", "loss_G_identity", "loss_D_A", "loss_D_B", "lr",
-                "fid", "kid"):
+    for svg in (
+        "loss_G",
+        "loss_D",
+        "loss_G_cycle",
+        "loss_G_GAN",
+        "loss_G_identity",
+        "loss_D_A",
+        "loss_D_B",
+        "lr",
+        "fid",
+        "kid",
+    ):
         ET.parse(out / "plots" / f"{svg}.svg")
     assert Image.open(out / "plots" / "overview.png").size[0] > 0
     page = Links()
     page.feed((out / "training.html").read_text())
     assert "samples/epoch_002.png" in page.links and "samples/epoch_001.png" in page.links
-    assert all((out / link).exists() for link in page.links if "://" not in link and not link.startswith("#")
-               and link != "index.html")
+    assert all(
+        (out / link).exists()
+        for link in page.links
+        if "://" not in link and not link.startswith("#") and link != "index.html"
+    )
     t = run_script("test.py", "--dataroot", reference_data(out), "--output_dir", out, "--n_cpu", "0")
     assert t.returncode == 0, t.stderr
     assert 'href="training.html"' in (out / "index.html").read_text()
@@ -138,14 +183,15 @@ def test_the_runs_last_redraw_is_asked_for_before_its_last_checkpoint_is_written
     events = (out.parent / "events.txt").read_text().splitlines()
     last = len(events) - 1 - events[::-1].index("save checkpoint.pth")
     assert events[last - 1] == "redraw", events
-    assert "redraw" in events[last + 1:] and 'src="samples/epoch_002.png"' in (out / "training.html").read_text()
+    assert "redraw" in events[last + 1 :] and 'src="samples/epoch_002.png"' in (out / "training.html").read_text()
 
 
 def test_a_kill_before_any_step_of_an_epoch_end_is_finished_by_the_resume(data, reference, tmp_path):
     """SIGKILL before the sheet, evaluation and best steps of the last epoch's end and after the last step, in turn
-    (each resume finishes the steps before it, then is killed), after one kill inside the first epoch's end; the last resume, which finds every epoch done, ends with
-    the files of the uninterrupted run: generators, sheets, metrics rows once each, best files of the best row, the
-    same curves. All of it offline, with --fid_weights, which the printed resume command carries."""
+    (each resume finishes the steps before it, then is killed), after one kill inside the first epoch's end; the last
+    resume, which finds every epoch done, ends with the files of the uninterrupted run: generators, sheets, metrics
+    rows once each, best files of the best row, the same curves. All of it offline, with --fid_weights, which the
+    printed resume command carries."""
     ref, _ = reference
     out, weights = tmp_path / "run", tmp_path / "weights.pth"
     torch.save({"w": torch.zeros(1)}, weights)  # the tiny extractor ignores it; the run checks and names it
@@ -176,10 +222,19 @@ def test_a_kill_before_any_step_of_an_epoch_end_is_finished_by_the_resume(data, 
     assert t.returncode == 0, t.stderr
     assert 'href="training.html"' in (out / "index.html").read_text()  # and back, though training came first:
     assert 'href="index.html"' in (out / "training.html").read_text()
-    stop = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import checkpoints, types; "
-                           "args = checkpoints.load_weights(sys.argv[2])['args']; "
-                           "print(checkpoints.resume_command(types.SimpleNamespace(**args)))",
-                           str(ROOT), str(out / "checkpoint.pth")], capture_output=True, text=True)
+    stop = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.path.insert(0, sys.argv[1]); import checkpoints, types; "
+            "args = checkpoints.load_weights(sys.argv[2])['args']; "
+            "print(checkpoints.resume_command(types.SimpleNamespace(**args)))",
+            str(ROOT),
+            str(out / "checkpoint.pth"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert f"--fid_weights {weights}" in stop.stdout, stop.stderr  # what a stopped run prints
 
 
@@ -221,13 +276,15 @@ class Stub:
 
     def __init__(self, out, rows, keep_best=True):
         self.out, self.args = out, SimpleNamespace(keep_best=keep_best, output_dir=str(out))
-        self.tracker = SimpleNamespace(rows=[{"epoch": float(e), "step": 6.0 * e, "fid_A2B": a, "fid_B2A": b}
-                                             for e, a, b in rows])
+        self.tracker = SimpleNamespace(
+            rows=[{"epoch": float(e), "step": 6.0 * e, "fid_A2B": a, "fid_B2A": b} for e, a, b in rows]
+        )
 
 
 def test_the_best_files_follow_the_best_row_whatever_came_before(tmp_path, capsys):
     from epoch_end import EpochEnd
     from figures import kept_epoch
+
     nets = {"G_A2B": torch.nn.Linear(2, 2), "G_B2A": torch.nn.Linear(2, 2)}
     end = Stub(tmp_path, [(1, 30.0, 30.0), (2, 20.0, 25.0)])
     EpochEnd.best(end, SimpleNamespace(epoch=2, nets=nets))  # the row is there, the files are not (a kill between)
@@ -237,8 +294,9 @@ def test_the_best_files_follow_the_best_row_whatever_came_before(tmp_path, capsy
     (tmp_path / "best_netG_B2A.pth").unlink()  # a kill between the two files: the pair is written again
     EpochEnd.best(end, SimpleNamespace(epoch=2, nets=nets))
     assert kept_epoch(tmp_path) == 2 and not torch.equal(torch.load(tmp_path / "best_netG_A2B.pth")["weight"], weight)
-    EpochEnd.best(Stub(tmp_path, [(1, 30.0, 30.0), (2, 20.0, 25.0), (3, 40.0, 40.0)]),
-                  SimpleNamespace(epoch=3, nets=nets))  # not the best: left alone
+    EpochEnd.best(
+        Stub(tmp_path, [(1, 30.0, 30.0), (2, 20.0, 25.0), (3, 40.0, 40.0)]), SimpleNamespace(epoch=3, nets=nets)
+    )  # not the best: left alone
     assert kept_epoch(tmp_path) == 2
     resumed = Stub(tmp_path, [(1, 30.0, 30.0)])  # an older checkpoint: the rows of epochs 2 and 3 are gone
     EpochEnd.stale_best(resumed, 1)
@@ -253,13 +311,20 @@ def test_the_sheet_is_a_bfloat16_preview_where_bfloat16_is_native(tmp_path, monk
     """At 8 steps an epoch the sheet's 24 generator passes cost a step: where bfloat16 is native (amp_dtype) it is
     drawn in bfloat16, at half the time, whatever the run trains in; elsewhere in the run's own precision."""
     import numpy as np
+
     import epoch_end
+
     seen = []
     monkeypatch.setattr(epoch_end, "amp_dtype", lambda device: torch.bfloat16 if native else None)
     monkeypatch.setattr(epoch_end, "sample_sheet", lambda *a: seen.append(a[-1]) or np.zeros((3, 8, 8), np.uint8))
     end = SimpleNamespace(out=tmp_path, samples={"A": [torch.zeros(3, 8, 8)], "B": []}, sheet_shown=None)
-    run = SimpleNamespace(epoch=1, nets={"G_A2B": None, "G_B2A": None}, device=torch.device("cpu"),
-                          memory_format=torch.contiguous_format, autocast=torch.autocast("cpu", enabled=False))
+    run = SimpleNamespace(
+        epoch=1,
+        nets={"G_A2B": None, "G_B2A": None},
+        device=torch.device("cpu"),
+        memory_format=torch.contiguous_format,
+        autocast=torch.autocast("cpu", enabled=False),
+    )
     epoch_end.EpochEnd.sheet(end, run)
     assert (tmp_path / "samples" / "epoch_001.png").is_file()
     if native:

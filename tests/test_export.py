@@ -1,6 +1,7 @@
 """export.py and the Python API: each kind of generator file test.py loads, exported with dynamic batch, height and
 width and run by onnxruntime on images whose sides are not multiples of 4, gives test.py's PNGs; README's examples
 run as written; what a user gets wrong is one line, and a file that fails its check is not left behind."""
+
 import re
 import subprocess
 import sys
@@ -62,8 +63,14 @@ def assert_close_pixels(a, b):
 def test_each_kind_of_generator_file_exports_to_test_pys_pixels(kind, images, tmp_path, capsys):
     torch.manual_seed(1)
     torch.save(KINDS[kind](), tmp_path / "G.pth")
-    assert export.main(export.get_parser().parse_args(["--generator", str(tmp_path / "G.pth"), "--output",
-                                                       str(tmp_path / "G.onnx")])) == 0
+    assert (
+        export.main(
+            export.get_parser().parse_args(
+                ["--generator", str(tmp_path / "G.pth"), "--output", str(tmp_path / "G.onnx")]
+            )
+        )
+        == 0
+    )
     assert "largest difference" in capsys.readouterr().out and not (tmp_path / "G.onnx.tmp").exists()
     props = {p.key: p.value for p in onnx.load(tmp_path / "G.onnx").metadata_props}
     assert "[-1, 1]" in props["input"] and "height and width" in props["input"] and props["generator"] == "G.pth"
@@ -76,8 +83,17 @@ def test_each_kind_of_generator_file_exports_to_test_pys_pixels(kind, images, tm
 def test_translate_image_writes_the_pixels_test_py_writes(images, tmp_path):
     G = models.Generator(3, 3, 1)
     torch.save(G.state_dict(), tmp_path / "G.pth")
-    r = run_script("test.py", "--input", images, "--generator", tmp_path / "G.pth", "--output_dir", tmp_path / "out",
-                   "--n_cpu", "0")
+    r = run_script(
+        "test.py",
+        "--input",
+        images,
+        "--generator",
+        tmp_path / "G.pth",
+        "--output_dir",
+        tmp_path / "out",
+        "--n_cpu",
+        "0",
+    )
     assert r.returncode == 0, r.stderr
     G = models.load_generator(tmp_path / "G.pth")
     for path in sorted(images.iterdir()):  # the RGBA scene too: alpha over white, as test.py decodes it
@@ -131,6 +147,9 @@ def test_what_a_user_gets_wrong_is_one_line_and_a_failed_check_leaves_no_file(tm
             export.main(export.get_parser().parse_args(["--generator", str(tmp_path / "G.pth"), "--output", "x"]))
     monkeypatch.setattr(export, "TOLERANCE", 1e-12)  # onnxruntime's convolutions round otherwise than PyTorch's
     with pytest.raises(export.UserError, match=r"differs from PyTorch's by .* was not written"):
-        export.main(export.get_parser().parse_args(["--generator", str(tmp_path / "G.pth"), "--output",
-                                                    str(tmp_path / "G.onnx")]))
+        export.main(
+            export.get_parser().parse_args(
+                ["--generator", str(tmp_path / "G.pth"), "--output", str(tmp_path / "G.onnx")]
+            )
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["G.pth", "notes.pth"]

@@ -1,4 +1,5 @@
 """No error can hang train.py or leave processes behind, and two runs never share an output folder."""
+
 import os
 import signal
 import subprocess
@@ -67,8 +68,12 @@ def test_a_failure_ends_the_run_at_once_with_no_process_left_and_the_checkpoint_
             f.write_text("not an image")
     out = tmp_path / "run"
     start = time.time()
-    r = subprocess.run([sys.executable, "-c", INJECT, str(ROOT), where, "--dataroot", str(data), "--output_dir", str(out),
-                        *RUN], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", INJECT, str(ROOT), where, "--dataroot", str(data), "--output_dir", str(out), *RUN],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert time.time() - start < 30 + 15, "took too long"  # + start-up of a loaded 2-core machine
     assert r.returncode != 0
     message = {"worker": "injected worker failure", "loop": "injected loop failure", "undecodable": "failed to decode"}
@@ -82,9 +87,26 @@ def test_a_failure_ends_the_run_at_once_with_no_process_left_and_the_checkpoint_
 
 def test_a_second_run_on_a_live_output_folder_is_refused_and_a_killed_one_does_not_block(data, tmp_path):
     out = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--dataroot", str(data), "--output_dir", str(out),
-                              *RUN, "--n_epochs", "50", "--decay_epoch", "1", "--n_cpu", "0"],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--dataroot",
+            str(data),
+            "--output_dir",
+            str(out),
+            *RUN,
+            "--n_epochs",
+            "50",
+            "--decay_epoch",
+            "1",
+            "--n_cpu",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         while not (out / "checkpoint.pth").exists():
             assert first.poll() is None, first.communicate()[0]
@@ -97,15 +119,33 @@ def test_a_second_run_on_a_live_output_folder_is_refused_and_a_killed_one_does_n
         first.kill()
         first.wait()
     epochs = int(torch.load(out / "checkpoint.pth", weights_only=True)["epoch"])
-    r = run_script("train.py", "--resume", "--output_dir", out, "--n_epochs", epochs, "--decay_epoch", "0")  # nothing to train
+    r = run_script(
+        "train.py", "--resume", "--output_dir", out, "--n_epochs", epochs, "--decay_epoch", "0"
+    )  # nothing to train
     assert r.returncode == 0 and f"all {epochs} epochs of this run are done" in r.stdout, r.stdout + r.stderr
 
 
 def test_ctrl_c_with_workers_still_saves_and_exits_cleanly(data, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--dataroot", str(data), "--output_dir", str(out),
-                             *RUN, "--n_epochs", "50", "--decay_epoch", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--dataroot",
+            str(data),
+            "--output_dir",
+            str(out),
+            *RUN,
+            "--n_epochs",
+            "50",
+            "--decay_epoch",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     while not (out / "checkpoint.pth").exists():
         assert proc.poll() is None, proc.communicate()[0]
         time.sleep(0.05)

@@ -1,5 +1,6 @@
 """figures.py on synthetic runs: every SVG holds the logged points, the page links only what exists, the command
 works on today's losses.csv, and a failure to draw is one line that never reaches the caller."""
+
 import math
 import re
 import signal
@@ -30,7 +31,9 @@ def write_run(out, epochs=2, per_epoch=4, lr=None, metrics=True, samples=True, t
     for k in range(1, epochs * per_epoch + 1):
         losses = [3.0 / k + 0.1 * i + 0.05 * (k % 2) for i in range(7)]  # zigzag: no three points in a line
         rate = lr if lr is not None else 2e-4 * min(1.0, 1.0 - (k / per_epoch - 1) / epochs)
-        lines.append(",".join([str(10 * k), f"{k / per_epoch:g}", *(f"{v:.6f}" for v in losses), str(rate), f"{1.5 * k}"]))
+        lines.append(
+            ",".join([str(10 * k), f"{k / per_epoch:g}", *(f"{v:.6f}" for v in losses), str(rate), f"{1.5 * k}"])
+        )
     (out / "losses.csv").write_text("\n".join(lines) + "\n" + tail)
     if metrics:
         (out / "metrics.csv").write_text("\n".join([METRICS_HEADER, *METRICS_ROWS[:epochs]]) + "\n")
@@ -91,8 +94,9 @@ def test_two_epoch_run_gives_every_figure_and_a_page_that_links_only_what_exists
     written = figures.draw(out, decay_epoch=1)
     plots = out / "plots"
     curves = LOSS_CURVES + ["fid", "kid"]
-    assert sorted(written) == sorted([plots / f"{c}.svg" for c in curves] + [plots / "overview.png",
-                                                                             out / "training.html"])
+    assert sorted(written) == sorted(
+        [plots / f"{c}.svg" for c in curves] + [plots / "overview.png", out / "training.html"]
+    )
     for name in LOSS_CURVES:
         svg = plots / f"{name}.svg"
         assert vertices(svg, "interval-mean") == 8, name  # one per row of losses.csv
@@ -100,7 +104,9 @@ def test_two_epoch_run_gives_every_figure_and_a_page_that_links_only_what_exists
         assert group(svg, "lr-decay") is not None, name
         assert ET.parse(svg).getroot().get("id") == f"figure-{name}"
     # --decay_epoch 1: epochs 0 and 1 run at the full rate, so the mark stands at 2 epochs done, the last epoch mean.
-    decay_x = float(re.match(r"M\s*([-\d.]+)", next(group(plots / "lr.svg", "lr-decay").iter(f"{SVG}path")).get("d"))[1])
+    decay_x = float(
+        re.match(r"M\s*([-\d.]+)", next(group(plots / "lr.svg", "lr-decay").iter(f"{SVG}path")).get("d"))[1]
+    )
     last_mean = [float(u.get("x")) for u in group(plots / "lr.svg", "epoch-mean").iter(f"{SVG}use")][-1]
     assert decay_x == pytest.approx(last_mean, abs=0.01)
     for d in ("A2B", "B2A"):
@@ -143,10 +149,11 @@ def test_nan_lr_and_a_partial_last_line_are_tolerated(tmp_path):
 @pytest.mark.parametrize("decay_epoch", [0, 1, 3])
 def test_the_decay_epoch_is_read_from_the_logged_lr(decay_epoch):
     from utils import linear_decay  # train.py logs args.lr * lr_lambda(epochs done before the row's epoch)
+
     lr_lambda = linear_decay(6, decay_epoch)
     rows = [{"epoch": k / 3, "lr": 2e-4 * lr_lambda(math.ceil(k / 3) - 1)} for k in range(1, 19)]
     assert figures.logged_decay(rows) == decay_epoch
-    assert figures.logged_decay(rows[:3 * (decay_epoch + 1)]) is None  # not fallen yet
+    assert figures.logged_decay(rows[: 3 * (decay_epoch + 1)]) is None  # not fallen yet
 
 
 def test_the_decay_mark_is_drawn_once_the_lr_falls(tmp_path):
@@ -194,10 +201,12 @@ def fake_script(tmp_path, monkeypatch):
     """Background's script replaced by one that logs its arguments, sleeps a little and exits with `code`."""
     log = tmp_path / "calls.txt"
     script = tmp_path / "fake_figures.py"
-    script.write_text("import sys, time\n"
-                      f"open({str(log)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
-                      "time.sleep(0.3)\n"
-                      "sys.exit(int(sys.argv[1].split('-')[-1]))\n")
+    script.write_text(
+        "import sys, time\n"
+        f"open({str(log)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
+        "time.sleep(0.3)\n"
+        "sys.exit(int(sys.argv[1].split('-')[-1]))\n"
+    )
     monkeypatch.setattr(figures.Background, "SCRIPT", script)
     return log
 
@@ -278,6 +287,7 @@ def test_histories_keep_whole_rows_only(tmp_path):
     """A resumed run reads its CSV histories back: a line cut inside its last field (a writer killed mid-line) and a
     cell that is not a number are left out, not kept truncated or raised on; text columns stay text."""
     import files
+
     path = tmp_path / "metrics.csv"
     path.write_text("epoch,step,fid_A2B,weights\n1,6,30.5,abc\n2,x,28.0,abc\n3,18,27.25,ab")  # the last cut short
     rows = files.keep_rows(path, ["epoch", "step", "fid_A2B", "weights"], "epoch", 5, text=("weights",))

@@ -1,8 +1,9 @@
-"""CUDA only (skipped elsewhere; tests/gpu_check.sh runs this on a GPU machine): what can go wrong on a GPU alone.
+"""CUDA only (skipped elsewhere; bench/gpu_check.sh runs this on a GPU machine): what can go wrong on a GPU alone.
 
 The captured step against the eager step (bit for bit, deterministic kernels: only the CudaGraphStep wrapper
 differs), a new lr reaching the graph, an epoch that mixes replays with eager steps for its smaller last batch,
 test.py --cuda against the CPU, --amp end to end, and a --deterministic resume bit for bit."""
+
 import importlib
 import os
 
@@ -35,8 +36,9 @@ def deterministic():
 
 def cuda_run(*flags):
     """train.py's run as main() builds it on the GPU (1 residual block, replay buffers of 3), from seed 0."""
-    args = train.get_parser().parse_args(["--n_blocks", "1", "--pool_size", "3", "--seed", "0", "--deterministic",
-                                          "--size", "32", *flags])
+    args = train.get_parser().parse_args(
+        ["--n_blocks", "1", "--pool_size", "3", "--seed", "0", "--deterministic", "--size", "32", *flags]
+    )
     torch.manual_seed(0)
     return args, train.build(args, CUDA)
 
@@ -147,16 +149,31 @@ def test_test_script_on_the_gpu_matches_the_cpu_within_bfloat16_rounding_on_the_
     run = mixed_runs["graph"]
     generators = ["--generator_A2B", run / "netG_A2B.pth", "--generator_B2A", run / "netG_B2A.pth"]
     for device in ("cpu", "cuda"):
-        r = run_script("test.py", "--dataroot", odd_data, "--output_dir", tmp_path / device, "--n_cpu", "0",
-                       *generators, *["--cuda"] * (device == "cuda"))
+        r = run_script(
+            "test.py",
+            "--dataroot",
+            odd_data,
+            "--output_dir",
+            tmp_path / device,
+            "--n_cpu",
+            "0",
+            *generators,
+            *["--cuda"] * (device == "cuda"),
+        )
         assert r.returncode == 0, r.stderr
     folders = ("A", "B", "rec_A", "rec_B")
     names = {f: sorted(p.name for p in (tmp_path / "cpu" / f).iterdir()) for f in folders}
     assert names == {f: sorted(p.name for p in (tmp_path / "cuda" / f).iterdir()) for f in folders}
     for folder in folders:
-        diff = np.concatenate([np.abs(np.asarray(Image.open(tmp_path / "cpu" / folder / n), dtype=np.int16) -
-                                      np.asarray(Image.open(tmp_path / "cuda" / folder / n), dtype=np.int16)).ravel()
-                               for n in names[folder]])
+        diff = np.concatenate(
+            [
+                np.abs(
+                    np.asarray(Image.open(tmp_path / "cpu" / folder / n), dtype=np.int16)
+                    - np.asarray(Image.open(tmp_path / "cuda" / folder / n), dtype=np.int16)
+                ).ravel()
+                for n in names[folder]
+            ]
+        )
         # bf16 keeps 8 significant bits: a few grey levels here and there, never a different picture
         mean, p99 = BF16_TOLERANCE[folder]
         assert diff.mean() <= mean and np.percentile(diff, 99) <= p99, (folder, diff.mean(), diff.max())
@@ -165,8 +182,20 @@ def test_test_script_on_the_gpu_matches_the_cpu_within_bfloat16_rounding_on_the_
 @pytest.mark.parametrize("extra", [[], ["--attention"]], ids=["paper", "attention"])
 def test_amp_training_runs_end_to_end_on_the_gpu(odd_data, tmp_path, extra):
     out = tmp_path / "amp"
-    r = run_script("train.py", "--dataroot", odd_data, "--output_dir", out, *QUICK, "--no_visdom", "--cuda", "--amp",
-                   "--display_freq", "2", *extra)
+    r = run_script(
+        "train.py",
+        "--dataroot",
+        odd_data,
+        "--output_dir",
+        out,
+        *QUICK,
+        "--no_visdom",
+        "--cuda",
+        "--amp",
+        "--display_freq",
+        "2",
+        *extra,
+    )
     assert r.returncode == 0, r.stderr
     assert "capture failed" not in r.stderr and "eagerly" not in r.stdout  # bf16 on this GPU: captured, not scaled
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
@@ -192,4 +221,3 @@ def test_deterministic_resume_on_the_gpu_is_bit_identical(data, gpu_reference, t
     r = run_script("train.py", "--resume", "--output_dir", out, "--cuda")
     assert r.returncode == 0, r.stderr
     assert_same_run(out, gpu_reference)
-

@@ -1,6 +1,7 @@
 """Hostile and careless inputs: crafted files, servers, checkpoints, links and flags cost bounded memory, disk and
 time, send nothing anywhere the user did not name, never write through a link, and get one line that says what to do.
 Everything crafted here is made by the test, small on disk."""
+
 import errno
 import html.parser
 import importlib
@@ -17,10 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
 import downloads
 from conftest import FAST, QUICK, ROOT, make_dataset, run_script, write_image
 from downloads import download_dataset
-import checkpoints
 from models import Generator
 from test_download import NAME, authors_zip, png, server  # noqa: F401 (fixture)
 
@@ -43,8 +44,14 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def run_measured(tmp_path, script, *args):
     """Run one of the scripts; (returncode, stdout, stderr, peak RSS of its main process in MiB)."""
     report = tmp_path / f"{script}.peak"
-    r = subprocess.run([sys.executable, "-c", MEASURED, report, str(ROOT / script), *map(str, args)], cwd=ROOT,
-                       capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", MEASURED, report, str(ROOT / script), *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        timeout=300,
+    )
     return r.returncode, r.stdout, r.stderr, int(report.read_text()) / 1024
 
 
@@ -56,13 +63,15 @@ def strip_png(path, size):
 
 # ---- memory: images that declare too many pixels ----
 
+
 def test_extreme_aspect_ratios_in_a_training_folder_are_left_out_with_bounded_memory(tmp_path):
     data = make_dataset(tmp_path / "data", n_A=20, n_B=2, test=False)
     tall = strip_png(data / "train" / "A" / "tall.png", (1, 400000))
     wide = strip_png(data / "train" / "A" / "wide.png", (4000000, 1))
     assert tall.stat().st_size < 4096 and wide.stat().st_size < 8192
-    rc, out, err, peak = run_measured(tmp_path, "train.py", "--dataroot", data, "--output_dir", tmp_path / "run",
-                                      *FAST, "--n_cpu", "2")  # loader workers: where a resize would run
+    rc, out, err, peak = run_measured(
+        tmp_path, "train.py", "--dataroot", data, "--output_dir", tmp_path / "run", *FAST, "--n_cpu", "2"
+    )  # loader workers: where a resize would run
     assert rc == 0, err
     assert "Traceback" not in err and "left out 2 files" in err
     assert "tall.png: 1x400000 px: resized to a shorter side of 35 px" in err and "aspect ratio" in err
@@ -79,8 +88,18 @@ def test_test_script_skips_images_it_cannot_translate_in_memory_and_writes_the_p
     strip_png(photos / "huge.png", (10000, 10000))  # over the 89.5-megapixel decode limit
     strip_png(photos / "strip.png", (20000000, 1))  # padded to 8 rows: 160 million pixels, ~160 GB to translate
     out = tmp_path / "out"
-    rc, stdout, err, peak = run_measured(tmp_path, "test.py", "--input", photos, "--generator", nets / "netG_A2B.pth",
-                                         "--output_dir", out, "--n_cpu", "0")
+    rc, stdout, err, peak = run_measured(
+        tmp_path,
+        "test.py",
+        "--input",
+        photos,
+        "--generator",
+        nets / "netG_A2B.pth",
+        "--output_dir",
+        out,
+        "--n_cpu",
+        "0",
+    )
     assert rc == 0, err
     assert "Traceback" not in err and peak < 1500, peak
     assert "huge.png: 10000x10000 px: more than the 89.5 million pixels decoded at most" in err
@@ -88,8 +107,20 @@ def test_test_script_skips_images_it_cannot_translate_in_memory_and_writes_the_p
     assert sorted(p.name for p in (out / "B").iterdir()) == ["ok.png"]
     assert "huge.png" in (out / "index.html").read_text()  # on the page, under Skipped
 
-    rc, stdout, err, peak = run_measured(tmp_path, "test.py", "--input", photos, "--generator", nets / "netG_A2B.pth",
-                                         "--output_dir", tmp_path / "scaled", "--n_cpu", "0", "--max_size", "64")
+    rc, stdout, err, peak = run_measured(
+        tmp_path,
+        "test.py",
+        "--input",
+        photos,
+        "--generator",
+        nets / "netG_A2B.pth",
+        "--output_dir",
+        tmp_path / "scaled",
+        "--n_cpu",
+        "0",
+        "--max_size",
+        "64",
+    )
     assert rc == 0, err
     assert sorted(p.name for p in (tmp_path / "scaled" / "B").iterdir()) == ["ok.png", "strip.png"]
     assert Image.open(tmp_path / "scaled" / "B" / "strip.png").size == (64, 1)
@@ -105,8 +136,10 @@ def test_a_generator_file_claiming_1000_blocks_is_refused_before_anything_is_bui
         state[f"conv{i}.bias"] = torch.zeros(state[f"conv{i}.weight"].shape[0])
     torch.save(state, tmp_path / "claims.pth")
     assert (tmp_path / "claims.pth").stat().st_size < 2 * MiB
-    (tmp_path / "load.py").write_text(f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
-                                      f"from models import load_generator\nload_generator({str(tmp_path / 'claims.pth')!r})")
+    (tmp_path / "load.py").write_text(
+        f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+        f"from models import load_generator\nload_generator({str(tmp_path / 'claims.pth')!r})"
+    )
     t0 = time.monotonic()
     rc, _, err, peak = run_measured(tmp_path, tmp_path / "load.py")
     assert rc != 0 and "is not a ResNet generator (its convolutions are 1x1, not 7x7 then 3x3 then 7x7)" in err
@@ -114,6 +147,7 @@ def test_a_generator_file_claiming_1000_blocks_is_refused_before_anything_is_bui
 
 
 # ---- downloads: bounded in disk and time, whatever the server does ----
+
 
 @pytest.fixture
 def small_listed_size(monkeypatch):
@@ -202,6 +236,7 @@ def test_a_member_name_no_file_system_takes_is_refused(server, tmp_path):
 
 # ---- nothing is written through a link that was planted ----
 
+
 def test_links_planted_in_the_output_folder_are_never_written_through(tmp_path):
     data = make_dataset(tmp_path / "data", n_A=3, n_B=2)
     out, victims = tmp_path / "run", []
@@ -238,6 +273,7 @@ def test_a_planted_part_file_link_is_refused(server, tmp_path):
 
 # ---- a checkpoint never decides where data goes ----
 
+
 def test_a_resumed_checkpoint_naming_another_visdom_server_sends_it_nothing(tmp_path):
     listener = socket.create_server(("127.0.0.1", 0))
     connections = []
@@ -258,14 +294,30 @@ def test_a_resumed_checkpoint_naming_another_visdom_server_sends_it_nothing(tmp_
         r = run_script("train.py", "--dataroot", data, "--output_dir", out, *FAST)
         assert r.returncode == 0, r.stderr
         ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
-        ckpt["args"].update(display_server="http://127.0.0.1", display_port=listener.getsockname()[1],
-                            display_env="theirs", no_visdom=False)  # as someone else's file would say
+        ckpt["args"].update(
+            display_server="http://127.0.0.1",
+            display_port=listener.getsockname()[1],
+            display_env="theirs",
+            no_visdom=False,
+        )  # as someone else's file would say
         torch.save(ckpt, out / "checkpoint.pth")
         with socket.socket() as s:  # this command line's server: a port where nobody listens
             s.bind(("127.0.0.1", 0))
             ours = s.getsockname()[1]
-        r = run_script("train.py", "--resume", "--output_dir", out, "--n_epochs", "2", "--decay_epoch", "1",
-                       "--display_server", "http://127.0.0.1", "--display_port", ours)
+        r = run_script(
+            "train.py",
+            "--resume",
+            "--output_dir",
+            out,
+            "--n_epochs",
+            "2",
+            "--decay_epoch",
+            "1",
+            "--display_server",
+            "http://127.0.0.1",
+            "--display_port",
+            ours,
+        )
         assert r.returncode == 0, r.stderr
         assert f"cannot reach http://127.0.0.1:{ours}" in r.stdout + r.stderr
     finally:
@@ -276,6 +328,7 @@ def test_a_resumed_checkpoint_naming_another_visdom_server_sends_it_nothing(tmp_
 
 
 # ---- test.py: one name never aborts a folder ----
+
 
 def test_odd_names_are_each_translated_to_a_distinct_printable_output(tmp_path):
     photos = tmp_path / "photos"
@@ -303,21 +356,31 @@ def test_odd_names_are_each_translated_to_a_distinct_printable_output(tmp_path):
     found = []
     Sources().feed((out / "index.html").read_text(encoding="utf-8"))
     from urllib.parse import unquote
+
     assert len(found) == 14 and all((out / unquote(src)).is_file() for src in found)
 
 
 # ---- one line for every mistake ----
 
-@pytest.mark.parametrize("flags, words", [
-    (["--lr", "-0.001"], "--lr -0.001: must be a finite number above 0"),
-    (["--lr", "nan"], "--lr nan"), (["--lr", "inf"], "--lr inf"),
-    (["--seed", "-1"], "--seed -1: must be a whole number from 0"), (["--seed", str(2 ** 70)], "--seed 1180591"),
-    (["--epoch", "-5"], "--epoch -5"), (["--epoch", "5", "--n_epochs", "1", "--decay_epoch", "0"], "--epoch 5"),
-    (["--input_nc", "0"], "--input_nc 0: images are read as gray (1) or RGB (3)"),
-    (["--size", "100000"], "--size 100000"), (["--lambda_cycle", "-1"], "--lambda_cycle -1.0"),
-    (["--display_port", "0"], "--display_port 0"), (["--n_blocks", "100000"], "--n_blocks 100000: at most 64"),
-    (["--eval_freq", "1", "--fid_weights", "no/such.pth"], "--fid_weights no/such.pth is not a file"),
-])
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--lr", "-0.001"], "--lr -0.001: must be a finite number above 0"),
+        (["--lr", "nan"], "--lr nan"),
+        (["--lr", "inf"], "--lr inf"),
+        (["--seed", "-1"], "--seed -1: must be a whole number from 0"),
+        (["--seed", str(2**70)], "--seed 1180591"),
+        (["--epoch", "-5"], "--epoch -5"),
+        (["--epoch", "5", "--n_epochs", "1", "--decay_epoch", "0"], "--epoch 5"),
+        (["--input_nc", "0"], "--input_nc 0: images are read as gray (1) or RGB (3)"),
+        (["--size", "100000"], "--size 100000"),
+        (["--lambda_cycle", "-1"], "--lambda_cycle -1.0"),
+        (["--display_port", "0"], "--display_port 0"),
+        (["--n_blocks", "100000"], "--n_blocks 100000: at most 64"),
+        (["--eval_freq", "1", "--fid_weights", "no/such.pth"], "--fid_weights no/such.pth is not a file"),
+    ],
+)
 def test_flags_that_cannot_work_are_named(flags, words):
     with pytest.raises(train.UserError, match="^" + words.replace("(", r"\(").replace(")", r"\)")):
         train.check_args(train.get_parser().parse_args(flags))
@@ -332,10 +395,14 @@ def checkpoint_cases(tmp_path):
     torch.save(good | {"step": "3"}, tmp_path / "step_str.pth")
     torch.save(good | {"args": {"lr": "fast"}}, tmp_path / "lr_str.pth")
     torch.save(good | {"args": {"n_blocks": 1, "size": 32}}, tmp_path / "nets_empty.pth")
-    return {"empty": "the file is empty", "text": "is not a PyTorch weights file",
-            "no_keys": "is not a checkpoint of train.py: it has no 'G_A2B'",
-            "step_str": "its 'step' is a str", "lr_str": "its flag lr is 'fast', not a float",
-            "nets_empty": "does not fit these networks"}
+    return {
+        "empty": "the file is empty",
+        "text": "is not a PyTorch weights file",
+        "no_keys": "is not a checkpoint of train.py: it has no 'G_A2B'",
+        "step_str": "its 'step' is a str",
+        "lr_str": "its flag lr is 'fast', not a float",
+        "nets_empty": "does not fit these networks",
+    }
 
 
 def test_damaged_or_foreign_checkpoints_are_one_line(tmp_path):
@@ -351,23 +418,38 @@ def test_damaged_or_foreign_checkpoints_are_one_line(tmp_path):
             checkpoints.load_checkpoint(args, train.get_parser(), train.CHECKPOINT_TYPES)
     for name in ("empty", "nets_empty"):
         words = cases[name]
-        r = run_script("train.py", "--resume", tmp_path / f"{name}.pth", "--dataroot", data, "--output_dir",
-                       tmp_path / name, "--no_visdom", "--n_cpu", "0")
+        r = run_script(
+            "train.py",
+            "--resume",
+            tmp_path / f"{name}.pth",
+            "--dataroot",
+            data,
+            "--output_dir",
+            tmp_path / name,
+            "--no_visdom",
+            "--n_cpu",
+            "0",
+        )
         assert r.returncode != 0 and words in r.stderr, (name, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: "), (name, r.stderr)
 
 
-@pytest.mark.parametrize("script, args, words", [
-    ("train.py", ["--output_dir", "/proc/x", *QUICK], "cannot write to --output_dir /proc/x"),
-    ("train.py", ["--dataroot", ROOT / "README.md", *QUICK], "README.md is a file, not a folder"),
-    ("train.py", ["--epoch", "5", "--n_epochs", "1", "--decay_epoch", "0"], "--epoch 5: a new run starts"),
-    ("test.py", ["--output_dir", "/proc/x", "--input", "G", "--generator", "G"],
-     "cannot write to --output_dir /proc/x"),
-    ("test.py", ["--batchSize", "0"], "--batchSize 0: must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "script, args, words",
+    [
+        ("train.py", ["--output_dir", "/proc/x", *QUICK], "cannot write to --output_dir /proc/x"),
+        ("train.py", ["--dataroot", ROOT / "README.md", *QUICK], "README.md is a file, not a folder"),
+        ("train.py", ["--epoch", "5", "--n_epochs", "1", "--decay_epoch", "0"], "--epoch 5: a new run starts"),
+        (
+            "test.py",
+            ["--output_dir", "/proc/x", "--input", "G", "--generator", "G"],
+            "cannot write to --output_dir /proc/x",
+        ),
+        ("test.py", ["--batchSize", "0"], "--batchSize 0: must be at least 1"),
+    ],
+)
 def test_user_mistakes_get_one_line_from_the_scripts(tmp_path, script, args, words):
     torch.save(Generator(3, 3, 1).state_dict(), tmp_path / "G")
     r = run_script(script, *args, cwd=tmp_path)
     assert r.returncode != 0 and words in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr
-

@@ -1,5 +1,6 @@
 """test.py --mask_dir: exact outside the masks, equal to the unmasked output inside them, blended between; masks of
 another size, missing and unreadable ones cost one line; both layouts; the page shows the mask."""
+
 import numpy as np
 from PIL import Image
 
@@ -14,8 +15,16 @@ def pixels(path):
 def test_masks_keep_translate_and_blend_exactly(tmp_path):
     data = make_dataset(tmp_path / "data", n_A=4, n_B=2, size=(40, 36), modes=("RGB", "RGBA"))
     nets = generators(tmp_path / "nets")
-    common = ["--dataroot", data, "--generator_A2B", nets / "netG_A2B.pth", "--generator_B2A", nets / "netG_B2A.pth",
-              "--n_cpu", "0"]
+    common = [
+        "--dataroot",
+        data,
+        "--generator_A2B",
+        nets / "netG_A2B.pth",
+        "--generator_B2A",
+        nets / "netG_B2A.pth",
+        "--n_cpu",
+        "0",
+    ]
     assert run_script("test.py", *common, "--output_dir", tmp_path / "plain").returncode == 0
     names = sorted(p.stem for p in (data / "test" / "A").iterdir())
     masks = tmp_path / "masks"
@@ -48,14 +57,36 @@ def test_masks_with_an_input_folder_and_their_mistakes(tmp_path):
     masks.mkdir()
     for p in (data / "test" / "A").iterdir():
         Image.fromarray(np.zeros((28, 32), np.uint8)).save(masks / f"{p.stem}.png")  # keep everything
-    r = run_script("test.py", "--input", data / "test" / "A", "--generator", nets / "netG_A2B.pth", "--n_cpu", "0",
-                   "--output_dir", tmp_path / "out", "--mask_dir", masks)
+    r = run_script(
+        "test.py",
+        "--input",
+        data / "test" / "A",
+        "--generator",
+        nets / "netG_A2B.pth",
+        "--n_cpu",
+        "0",
+        "--output_dir",
+        tmp_path / "out",
+        "--mask_dir",
+        masks,
+    )
     assert r.returncode == 0, r.stderr
     for p in (data / "test" / "A").iterdir():
-        assert np.array_equal(pixels(tmp_path / "out" / "B" / f"{p.stem}.png"),
-                              pixels(tmp_path / "out" / "real_A" / f"{p.stem}.png"))
-    for extra, words in ((["--mask_dir", tmp_path / "nowhere"], "is not a folder"),
-                         (["--mask_dir", masks, "--output_nc", "1"], "needs --input_nc == --output_nc")):
-        r = run_script("test.py", "--input", data / "test" / "A", "--generator", nets / "netG_A2B.pth",
-                       "--output_dir", tmp_path / "bad", *extra)
+        assert np.array_equal(
+            pixels(tmp_path / "out" / "B" / f"{p.stem}.png"), pixels(tmp_path / "out" / "real_A" / f"{p.stem}.png")
+        )
+    for extra, words in (
+        (["--mask_dir", tmp_path / "nowhere"], "is not a folder"),
+        (["--mask_dir", masks, "--output_nc", "1"], "needs --input_nc == --output_nc"),
+    ):
+        r = run_script(
+            "test.py",
+            "--input",
+            data / "test" / "A",
+            "--generator",
+            nets / "netG_A2B.pth",
+            "--output_dir",
+            tmp_path / "bad",
+            *extra,
+        )
         assert r.returncode != 0 and words in r.stderr and "Traceback" not in r.stderr, r.stderr

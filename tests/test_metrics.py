@@ -1,5 +1,6 @@
 """metrics.py and test.py --metrics, offline: a tiny feature extractor registered with torch-fidelity stands in for
 Inception, the numbers are checked against the formulas computed here, and the network is blocked throughout."""
+
 import importlib.util
 import json
 import math
@@ -8,10 +9,11 @@ import socket
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import torch.hub
+import torch.nn.functional as F
 from PIL import Image
-from torch_fidelity import FeatureExtractorBase, __version__ as tf_version, register_feature_extractor
+from torch_fidelity import FeatureExtractorBase, register_feature_extractor
+from torch_fidelity import __version__ as tf_version
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 import metrics
@@ -56,6 +58,7 @@ if TINY not in FEATURE_EXTRACTORS_REGISTRY:
 @pytest.fixture(autouse=True)
 def offline(monkeypatch, tmp_path):
     """No network (name lookups, internet sockets and torch.hub downloads fail), and a torch home of our own."""
+
     def refuse(*args, **kwargs):
         raise OSError("network blocked in tests")
 
@@ -109,7 +112,10 @@ def frechet(f1, f2):
 def mmd_unbiased(f1, f2):
     """Unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3, one subset of all images (both sets of n)."""
     n, d = f1.shape
-    k = lambda a, b: (a @ b.T / d + 1) ** 3
+
+    def k(a, b):
+        return (a @ b.T / d + 1) ** 3
+
     k11, k22 = k(f1, f1), k(f2, f2)
     return ((k11.sum() - np.trace(k11)) + (k22.sum() - np.trace(k22))) / (n * (n - 1)) - 2 * k(f1, f2).mean()
 
@@ -186,8 +192,22 @@ def small_generators(folder):
 def test_data_root_metrics_json_and_page(tmp_path, tiny, capsys):
     data = make_dataset(tmp_path / "d", n_A=3, n_B=4, size=(32, 28), modes=("RGB", "L"))
     nets, out = small_generators(tmp_path / "nets"), tmp_path / "out"
-    assert run_test_py("--dataroot", data, "--generator_A2B", nets / "netG_A2B.pth", "--generator_B2A",
-                       nets / "netG_B2A.pth", "--output_dir", out, "--n_cpu", "0", "--metrics") == 0
+    assert (
+        run_test_py(
+            "--dataroot",
+            data,
+            "--generator_A2B",
+            nets / "netG_A2B.pth",
+            "--generator_B2A",
+            nets / "netG_B2A.pth",
+            "--output_dir",
+            out,
+            "--n_cpu",
+            "0",
+            "--metrics",
+        )
+        == 0
+    )
     scores = json.loads((out / "metrics.json").read_text())
     for direction, fake, real, n in (("A2B", "B", "real_B", (3, 4)), ("B2A", "A", "real_A", (4, 3))):
         expected = metrics.evaluate(out / fake, out / real)  # the PNGs as written, real ones as the generators saw them
@@ -220,8 +240,11 @@ def test_input_mode_against_a_reference_folder(tmp_path, tiny, capsys):
     assert scores["A2B"]["fake"]["sizes"] == {"24x36": 1, "32x28": 2}  # mixed sizes: batches of one
     assert scores["A2B"]["fid"] == metrics.evaluate(out / "B", reference)["fid"]
     assert f"{scores['A2B']['fid']:.2f}" in capsys.readouterr().out
-    for flags, message in [((), "needs --reference FOLDER"), (("--reference", tmp_path / "no"), "is not a folder"),
-                           (("--reference", reference, "--fid_weights", tmp_path / "no.pth"), "no.pth does not exist")]:
+    for flags, message in [
+        ((), "needs --reference FOLDER"),
+        (("--reference", tmp_path / "no"), "is not a folder"),
+        (("--reference", reference, "--fid_weights", tmp_path / "no.pth"), "no.pth does not exist"),
+    ]:
         with pytest.raises(ValueError, match=message):
             run_test_py(*common, "--metrics", *flags)
     with pytest.raises(ValueError, match="go with --metrics"):
@@ -232,9 +255,21 @@ def test_the_script_says_in_one_line_where_the_weights_go(tmp_path):
     data = make_dataset(tmp_path / "d", n_A=2, n_B=2, size=(32, 28))
     nets, out = small_generators(tmp_path / "nets"), tmp_path / "out"
     blocked = {k: "http://127.0.0.1:9" for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}
-    r = run_script("test.py", "--dataroot", data, "--generator_A2B", nets / "netG_A2B.pth", "--generator_B2A",
-                   nets / "netG_B2A.pth", "--output_dir", out, "--n_cpu", "0", "--metrics",
-                   env={**blocked, "no_proxy": "", "NO_PROXY": "", "TORCH_HOME": str(tmp_path / "torch_home")})
+    r = run_script(
+        "test.py",
+        "--dataroot",
+        data,
+        "--generator_A2B",
+        nets / "netG_A2B.pth",
+        "--generator_B2A",
+        nets / "netG_B2A.pth",
+        "--output_dir",
+        out,
+        "--n_cpu",
+        "0",
+        "--metrics",
+        env={**blocked, "no_proxy": "", "NO_PROXY": "", "TORCH_HOME": str(tmp_path / "torch_home")},
+    )
     assert r.returncode != 0 and "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and metrics.URL_INCEPTION_V3 in errors[0] and "--fid_weights" in errors[0]
@@ -245,6 +280,7 @@ def test_the_script_says_in_one_line_where_the_weights_go(tmp_path):
 def test_inception_from_a_local_weights_file(tmp_path, monkeypatch):
     """The real extractor's path end to end, with random weights of the right shapes saved as a local file."""
     from torch_fidelity import FeatureExtractorInceptionV3
+
     with monkeypatch.context() as m:  # build it without weights, to save its state_dict
         m.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
         m.setattr("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: None)

@@ -61,12 +61,15 @@ def test_ddp_prefixed_keys_load(tmp_path):
     load_generator(tmp_path / "g.pth")
 
 
-@pytest.mark.parametrize("make", [
-    lambda p: torch.save(Discriminator(3).state_dict(), p),
-    lambda p: torch.save(Generator(1, 3).state_dict(), p),
-    lambda p: p.write_bytes(b"not a checkpoint"),
-    lambda p: torch.save([1, 2, 3], p),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.save(Discriminator(3).state_dict(), p),
+        lambda p: torch.save(Generator(1, 3).state_dict(), p),
+        lambda p: p.write_bytes(b"not a checkpoint"),
+        lambda p: torch.save([1, 2, 3], p),
+    ],
+)
 def test_not_a_generator_is_a_clear_error(tmp_path, make):
     path = tmp_path / "x.pth"
     make(path)
@@ -96,11 +99,19 @@ def test_affine_option_adds_norm_parameters_only():
 
 # ---- generators written by other ResNet-CycleGAN implementations ----
 
+
 class OtherBlock(nn.Module):
     def __init__(self, c, affine):
         super().__init__()
-        self.block = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(c, c, 3), nn.InstanceNorm2d(c, affine=affine), nn.ReLU(),
-                                   nn.ReflectionPad2d(1), nn.Conv2d(c, c, 3), nn.InstanceNorm2d(c, affine=affine))
+        self.block = nn.Sequential(
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(c, c, 3),
+            nn.InstanceNorm2d(c, affine=affine),
+            nn.ReLU(),
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(c, c, 3),
+            nn.InstanceNorm2d(c, affine=affine),
+        )
 
     def forward(self, x):
         return x + self.block(x)
@@ -112,13 +123,30 @@ class OtherResnetGenerator(nn.Module):
     def __init__(self, n_blocks=9, affine=False):
         super().__init__()
         norm = lambda c: nn.InstanceNorm2d(c, affine=affine)  # noqa: E731
-        self.head = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(3, 64, 7), norm(64), nn.ReLU(),
-                                  nn.Conv2d(64, 128, 3, 2, 1), norm(128), nn.ReLU(),
-                                  nn.Conv2d(128, 256, 3, 2, 1), norm(256), nn.ReLU())
+        self.head = nn.Sequential(
+            nn.ReflectionPad2d(3),
+            nn.Conv2d(3, 64, 7),
+            norm(64),
+            nn.ReLU(),
+            nn.Conv2d(64, 128, 3, 2, 1),
+            norm(128),
+            nn.ReLU(),
+            nn.Conv2d(128, 256, 3, 2, 1),
+            norm(256),
+            nn.ReLU(),
+        )
         self.blocks = nn.Sequential(*[OtherBlock(256, affine) for _ in range(n_blocks)])
-        self.tail = nn.Sequential(nn.ConvTranspose2d(256, 128, 3, 2, 1, 1), norm(128), nn.ReLU(),
-                                  nn.ConvTranspose2d(128, 64, 3, 2, 1, 1), norm(64), nn.ReLU(),
-                                  nn.ReflectionPad2d(3), nn.Conv2d(64, 3, 7), nn.Tanh())
+        self.tail = nn.Sequential(
+            nn.ConvTranspose2d(256, 128, 3, 2, 1, 1),
+            norm(128),
+            nn.ReLU(),
+            nn.ConvTranspose2d(128, 64, 3, 2, 1, 1),
+            norm(64),
+            nn.ReLU(),
+            nn.ReflectionPad2d(3),
+            nn.Conv2d(64, 3, 7),
+            nn.Tanh(),
+        )
         for m in self.modules():  # affine norms far from identity, so that a misplaced one changes the output
             if isinstance(m, nn.InstanceNorm2d) and affine:
                 nn.init.normal_(m.weight, 1.0, 0.5)
@@ -128,9 +156,14 @@ class OtherResnetGenerator(nn.Module):
         return self.tail(self.blocks(self.head(x)))
 
 
-@pytest.mark.parametrize("n_blocks, affine, prefix", [
-    (9, False, "netG."), (9, True, ""), (6, True, "module.generator."),
-])
+@pytest.mark.parametrize(
+    "n_blocks, affine, prefix",
+    [
+        (9, False, "netG."),
+        (9, True, ""),
+        (6, True, "module.generator."),
+    ],
+)
 def test_other_implementations_load_with_the_same_output(tmp_path, n_blocks, affine, prefix):
     torch.manual_seed(n_blocks + affine)
     other = OtherResnetGenerator(n_blocks, affine).eval()

@@ -1,4 +1,5 @@
 """Never lose a run: exact resume after SIGKILL or SIGTERM, safe checkpoint writes, NaN stops, safe loading."""
+
 import csv
 import os
 import pickle
@@ -21,7 +22,9 @@ RUN = [*FAST, "--size", "24", "--n_epochs", "2", "--decay_epoch", "1", "--save_f
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("data"), n_A=6, n_B=3, size=(28, 30), modes=("RGB", "L", "RGBA"), test=False)
+    return make_dataset(
+        tmp_path_factory.mktemp("data"), n_A=6, n_B=3, size=(28, 30), modes=("RGB", "L", "RGBA"), test=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +58,12 @@ def loss_table(out):
 
 
 def start_training(data, out, *extra):
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--dataroot", str(data), "--output_dir", str(out),
-                             *RUN, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), "--dataroot", str(data), "--output_dir", str(out), *RUN, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def wait_for_checkpoint(out, proc):
@@ -131,7 +138,7 @@ def disk_full(obj, f, *args, **kwargs):
     return real_save(obj, f, *args, **kwargs)
 torch.save = disk_full
 sys.path.insert(0, {str(ROOT)!r})
-sys.argv = ["train.py"] + {[ "--dataroot", str(data), "--output_dir", str(out), *RUN]!r}
+sys.argv = ["train.py"] + {["--dataroot", str(data), "--output_dir", str(out), *RUN]!r}
 runpy.run_path({str(ROOT / "train.py")!r}, run_name="__main__")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -164,7 +171,9 @@ def test_a_checkpoint_that_runs_code_on_load_is_refused(tmp_path):
     torch.save({"G_A2B": Exploit(), "args": {}}, evil, pickle_module=pickle)
     for script, flag in (("train.py", "--resume"), ("test.py", "--generator_A2B")):
         r = run_script(script, flag, evil, "--output_dir", tmp_path / "o")
-        assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr  # one line, no advice to unpickle
+        assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, (
+            r.stderr
+        )  # one line, no advice to unpickle
         assert "holds pickled Python objects besides tensors (posix.system), refused unread" in r.stderr
         assert "weights_only" not in r.stderr
     assert not PWNED.exists()

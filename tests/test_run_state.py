@@ -1,5 +1,6 @@
 """train.Run: checkpoint() and restore() are each other's inverse, for every piece of a run's state; a checkpoint
 written by an older train.py (no "position") still resumes at the same place."""
+
 import importlib
 import math
 
@@ -49,8 +50,24 @@ def test_restore_puts_back_every_piece_checkpoint_saves(tmp_path):
     """A fresh run (other seed, no steps) restored from a checkpoint checkpoints to the same dict, key by key; and
     every key differs between the two runs before the restore, so a piece saved but not restored fails here."""
     data = make_dataset(tmp_path / "data", n_A=4, n_B=3, test=False)
-    args = train.get_parser().parse_args(["--dataroot", str(data), "--size", "32", "--n_blocks", "1",
-                                          "--pool_size", "3", "--batchSize", "2", "--n_epochs", "4", "--decay_epoch", "1"])
+    args = train.get_parser().parse_args(
+        [
+            "--dataroot",
+            str(data),
+            "--size",
+            "32",
+            "--n_blocks",
+            "1",
+            "--pool_size",
+            "3",
+            "--batchSize",
+            "2",
+            "--n_epochs",
+            "4",
+            "--decay_epoch",
+            "1",
+        ]
+    )
     dataset = ImageDataset(data, 32, seed=0)
     saved_run = trained_run(args, dataset, seed=1, steps=2)
     saved = train.checkpoint(saved_run, args, [train.rank_state(saved_run)])
@@ -71,7 +88,9 @@ def test_an_older_checkpoint_without_position_resumes_at_its_step(tmp_path):
     """Before DDP a checkpoint counted steps of one process: step 5 of 2-image batches over 4 images is epoch 2,
     sample 2."""
     data = make_dataset(tmp_path / "data", n_A=4, n_B=3, test=False)
-    args = train.get_parser().parse_args(["--dataroot", str(data), "--size", "32", "--n_blocks", "1", "--batchSize", "2"])
+    args = train.get_parser().parse_args(
+        ["--dataroot", str(data), "--size", "32", "--n_blocks", "1", "--batchSize", "2"]
+    )
     dataset = ImageDataset(data, 32, seed=0)
     run = trained_run(args, dataset, seed=1, steps=1)
     run.step = 5

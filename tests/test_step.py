@@ -1,4 +1,5 @@
 """The fast training step computes what the paper's step computes, written out plainly here."""
+
 import contextlib
 import copy
 import importlib
@@ -23,7 +24,9 @@ def plain_step(G_A2B, G_B2A, D_A, D_B, optimizer_G, optimizer_D, real_A, real_B)
     fake_B, fake_A = G_A2B(real_A), G_B2A(real_B)
     rec_A, rec_B = G_B2A(fake_B), G_A2B(fake_A)
     pred_fake_B, pred_fake_A = D_B(fake_B), D_A(fake_A)
-    loss_GAN = F.mse_loss(pred_fake_B, torch.ones_like(pred_fake_B)) + F.mse_loss(pred_fake_A, torch.ones_like(pred_fake_A))
+    loss_GAN = F.mse_loss(pred_fake_B, torch.ones_like(pred_fake_B)) + F.mse_loss(
+        pred_fake_A, torch.ones_like(pred_fake_A)
+    )
     loss_cycle = LAMBDA_CYCLE * (F.l1_loss(rec_A, real_A) + F.l1_loss(rec_B, real_B))
     loss_identity = LAMBDA_CYCLE * LAMBDA_IDENTITY * (F.l1_loss(same_A, real_A) + F.l1_loss(same_B, real_B))
     loss_G = loss_GAN + loss_cycle + loss_identity
@@ -34,8 +37,10 @@ def plain_step(G_A2B, G_B2A, D_A, D_B, optimizer_G, optimizer_D, real_A, real_B)
     losses_D = []
     for D, real, fake in ((D_A, real_A, fake_A), (D_B, real_B, fake_B)):
         pred_real, pred_fake = D(real), D(fake.detach())
-        losses_D.append(0.5 * (F.mse_loss(pred_real, torch.ones_like(pred_real)) +
-                               F.mse_loss(pred_fake, torch.zeros_like(pred_fake))))
+        losses_D.append(
+            0.5
+            * (F.mse_loss(pred_real, torch.ones_like(pred_real)) + F.mse_loss(pred_fake, torch.zeros_like(pred_fake)))
+        )
     (losses_D[0] + losses_D[1]).backward()
     optimizer_D.step()
     return torch.stack([loss_G, loss_identity, loss_GAN, loss_cycle, losses_D[0] + losses_D[1], *losses_D]).detach()
@@ -46,15 +51,30 @@ def nets(seed=0):
     return [Generator(3, 3), Generator(3, 3), Discriminator(3), Discriminator(3)]
 
 
-def our_step(G_A2B, G_B2A, D_A, D_B, autocast=contextlib.nullcontext()):
+def our_step(G_A2B, G_B2A, D_A, D_B, autocast=None):
     """train.py's step, set up as main() sets it up on the CPU."""
+    autocast = autocast or contextlib.nullcontext()
     adam = lambda params: torch.optim.Adam(params, lr=LR, betas=(0.5, 0.999), fused=True)  # noqa: E731
-    optimizer_G, optimizer_D = adam([*G_A2B.parameters(), *G_B2A.parameters()]), adam([*D_A.parameters(), *D_B.parameters()])
+    optimizer_G, optimizer_D = (
+        adam([*G_A2B.parameters(), *G_B2A.parameters()]),
+        adam([*D_A.parameters(), *D_B.parameters()]),
+    )
     buffers = ReplayBuffer(50, 0), ReplayBuffer(50, 1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     step = lambda a, b: train.train_step(  # noqa: E731
-        train.GeneratorLoss(G_A2B, G_B2A, LAMBDA_CYCLE, LAMBDA_IDENTITY), train.DiscriminatorLoss(D_A, D_B), (D_A, D_B),
-        optimizer_G, optimizer_D, scaler, autocast, buffers, a, b, buffers[0].draw(len(a)), buffers[1].draw(len(a)))
+        train.GeneratorLoss(G_A2B, G_B2A, LAMBDA_CYCLE, LAMBDA_IDENTITY),
+        train.DiscriminatorLoss(D_A, D_B),
+        (D_A, D_B),
+        optimizer_G,
+        optimizer_D,
+        scaler,
+        autocast,
+        buffers,
+        a,
+        b,
+        buffers[0].draw(len(a)),
+        buffers[1].draw(len(a)),
+    )
     return step
 
 
@@ -68,14 +88,26 @@ def batch():
     return torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
 
 
-def plain(batch, autocast=contextlib.nullcontext()):
+def plain(batch, autocast=None):
     """Losses, weights and last gradients of each network after one plain step from nets(0)."""
+    autocast = autocast or contextlib.nullcontext()
     G_A2B, G_B2A, D_A, D_B = nets()
     adam = lambda params: torch.optim.Adam(params, lr=LR, betas=(0.5, 0.999))  # noqa: E731
     with autocast:
-        losses = plain_step(G_A2B, G_B2A, D_A, D_B, adam([*G_A2B.parameters(), *G_B2A.parameters()]),
-                            adam([*D_A.parameters(), *D_B.parameters()]), *batch)
-    return losses, [copy.deepcopy(net.state_dict()) for net in (G_A2B, G_B2A, D_A, D_B)], gradients(G_A2B, G_B2A, D_A, D_B)
+        losses = plain_step(
+            G_A2B,
+            G_B2A,
+            D_A,
+            D_B,
+            adam([*G_A2B.parameters(), *G_B2A.parameters()]),
+            adam([*D_A.parameters(), *D_B.parameters()]),
+            *batch,
+        )
+    return (
+        losses,
+        [copy.deepcopy(net.state_dict()) for net in (G_A2B, G_B2A, D_A, D_B)],
+        gradients(G_A2B, G_B2A, D_A, D_B),
+    )
 
 
 def gradients(*nets):
@@ -125,6 +157,7 @@ def test_the_amp_step_stays_within_bfloat16_tolerance(batch, reference):
 
 def test_the_replay_buffer_matches_the_papers_list_version():
     """Shrivastava et al.'s buffer written as a list, fed the same fakes and the same random stream."""
+
     def list_version(data, batch, generator, max_size):
         out = []
         for x in batch.unsqueeze(1):

@@ -48,15 +48,32 @@ def test_every_image_keeps_its_own_size_and_name(tmp_path):
         write_image(data / "test" / "B" / f"w{i}.png", "RGB", (64, 48), seed=i)  # equal sizes: batched
     nets = save_generators(tmp_path / "nets", authors=True)
     out = tmp_path / "out"
-    r = run_script("test.py", "--dataroot", data, "--generator_A2B", nets / "netG_A2B.pth", "--generator_B2A",
-                   nets / "netG_B2A.pth", "--output_dir", out, "--n_cpu", "0", "--batchSize", "2")
+    r = run_script(
+        "test.py",
+        "--dataroot",
+        data,
+        "--generator_A2B",
+        nets / "netG_A2B.pth",
+        "--generator_B2A",
+        nets / "netG_B2A.pth",
+        "--output_dir",
+        out,
+        "--n_cpu",
+        "0",
+        "--batchSize",
+        "2",
+    )
     assert r.returncode == 0, r.stderr
     assert Image.open(out / "B" / "summer day.png").size == (333, 517)
     assert Image.open(out / "B" / "tiny.png").size == (5, 3)
     assert Image.open(out / "B" / "odd.png").size == (37, 29)
     assert sorted(p.name for p in (out / "A").iterdir()) == ["w0.png", "w1.png", "w2.png"]
     # The results page: source copy, translation and cycle reconstruction of every image, at its size.
-    assert Image.open(out / "rec_A" / "summer day.png").size == Image.open(out / "real_A" / "summer day.png").size == (333, 517)
+    assert (
+        Image.open(out / "rec_A" / "summer day.png").size
+        == Image.open(out / "real_A" / "summer day.png").size
+        == (333, 517)
+    )
     links = page_links(out / "index.html")
     for name in ("summer%20day.png", "tiny.png", "odd.png"):
         assert {f"real_A/{name}", f"B/{name}", f"rec_A/{name}"} <= set(links)
@@ -69,8 +86,21 @@ def test_batched_and_single_translation_agree(tmp_path):
     outs = []
     for bs in (1, 3):
         out = tmp_path / f"out{bs}"
-        r = run_script("test.py", "--dataroot", data, "--generator_A2B", nets / "netG_A2B.pth", "--generator_B2A",
-                       nets / "netG_B2A.pth", "--output_dir", out, "--n_cpu", "0", "--batchSize", bs)
+        r = run_script(
+            "test.py",
+            "--dataroot",
+            data,
+            "--generator_A2B",
+            nets / "netG_A2B.pth",
+            "--generator_B2A",
+            nets / "netG_B2A.pth",
+            "--output_dir",
+            out,
+            "--n_cpu",
+            "0",
+            "--batchSize",
+            bs,
+        )
         assert r.returncode == 0, r.stderr
         outs.append([np.asarray(Image.open(p), dtype=int) for p in sorted((out / "A").iterdir())])
     assert all(np.abs(a - b).max() <= 1 for a, b in zip(*outs))
@@ -79,8 +109,21 @@ def test_batched_and_single_translation_agree(tmp_path):
 def test_grayscale_generators(tmp_path):
     data = make_dataset(tmp_path / "d", n_A=1, n_B=1, modes=("RGB",))
     nets = save_generators(tmp_path / "nets", 1, 1)
-    r = run_script("test.py", "--dataroot", data, "--input_nc", "1", "--output_nc", "1", "--generator_A2B",
-                   nets / "netG_A2B.pth", "--generator_B2A", nets / "netG_B2A.pth", "--output_dir", tmp_path / "o")
+    r = run_script(
+        "test.py",
+        "--dataroot",
+        data,
+        "--input_nc",
+        "1",
+        "--output_nc",
+        "1",
+        "--generator_A2B",
+        nets / "netG_A2B.pth",
+        "--generator_B2A",
+        nets / "netG_B2A.pth",
+        "--output_dir",
+        tmp_path / "o",
+    )
     assert r.returncode == 0, r.stderr
     assert Image.open(next((tmp_path / "o" / "B").iterdir())).mode == "L"
 
@@ -88,13 +131,33 @@ def test_grayscale_generators(tmp_path):
 def test_a_wrong_checkpoint_is_one_clear_line(tmp_path):
     data = make_dataset(tmp_path / "d", n_A=1, n_B=1)
     nets = save_generators(tmp_path / "nets", 1, 1)
-    r = run_script("test.py", "--dataroot", data, "--generator_A2B", nets / "netG_A2B.pth",
-                   "--generator_B2A", nets / "netG_B2A.pth", "--output_dir", tmp_path / "o")
+    r = run_script(
+        "test.py",
+        "--dataroot",
+        data,
+        "--generator_A2B",
+        nets / "netG_A2B.pth",
+        "--generator_B2A",
+        nets / "netG_B2A.pth",
+        "--output_dir",
+        tmp_path / "o",
+    )
     assert r.returncode != 0 and "is not a 3->3 channel" in r.stderr and "Traceback" not in r.stderr
     r = run_script("test.py", "--dataroot", data, "--output_dir", tmp_path / "o", cwd=tmp_path)
     assert r.returncode != 0 and "train first" in r.stderr and "Traceback" not in r.stderr
-    r = run_script("test.py", "--dataroot", tmp_path / "nowhere", "--generator_A2B", nets / "netG_A2B.pth",
-                   "--generator_B2A", nets / "netG_B2A.pth", "--input_nc", "1", "--output_nc", "1")
+    r = run_script(
+        "test.py",
+        "--dataroot",
+        tmp_path / "nowhere",
+        "--generator_A2B",
+        nets / "netG_A2B.pth",
+        "--generator_B2A",
+        nets / "netG_B2A.pth",
+        "--input_nc",
+        "1",
+        "--output_nc",
+        "1",
+    )
     assert r.returncode != 0 and "python datasets.py demo" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -106,14 +169,34 @@ def test_cuda_without_a_gpu_is_one_clear_line(tmp_path):
 
 def test_psnr_against_ground_truth_is_reported(tmp_path):
     from datasets import make_demo
+
     data = make_demo(tmp_path / "demo", size=24, n_train=1, n_test=3)
     nets = save_generators(tmp_path / "nets")
-    r = run_script("test.py", "--dataroot", data, "--generator_A2B", nets / "netG_A2B.pth", "--generator_B2A",
-                   nets / "netG_B2A.pth", "--output_dir", tmp_path / "o", "--n_cpu", "0")
+    r = run_script(
+        "test.py",
+        "--dataroot",
+        data,
+        "--generator_A2B",
+        nets / "netG_A2B.pth",
+        "--generator_B2A",
+        nets / "netG_B2A.pth",
+        "--output_dir",
+        tmp_path / "o",
+        "--n_cpu",
+        "0",
+    )
     assert r.returncode == 0, r.stderr
-    mse = [np.mean((np.asarray(Image.open(data / "test" / "A" / f"{k:04d}.png"), dtype=float) -
-                    np.asarray(Image.open(data / "test" / "truth_B" / f"{k:04d}.png"), dtype=float)) ** 2) for k in range(3)]
-    baseline = np.mean([10 * np.log10(255 ** 2 / m) for m in mse])
+    mse = [
+        np.mean(
+            (
+                np.asarray(Image.open(data / "test" / "A" / f"{k:04d}.png"), dtype=float)
+                - np.asarray(Image.open(data / "test" / "truth_B" / f"{k:04d}.png"), dtype=float)
+            )
+            ** 2
+        )
+        for k in range(3)
+    ]
+    baseline = np.mean([10 * np.log10(255**2 / m) for m in mse])
     assert f"do-nothing baseline, test/A itself: {baseline:.2f} dB" in r.stdout
 
 
@@ -125,8 +208,19 @@ def test_unreadable_images_are_skipped_and_named(tmp_path):
     (data / "test" / "A" / "empty.png").write_bytes(b"")  # caught by the header scan
     nets = save_generators(tmp_path / "nets")
     out = tmp_path / "o"
-    r = run_script("test.py", "--dataroot", data, "--generator_A2B", nets / "netG_A2B.pth", "--generator_B2A",
-                   nets / "netG_B2A.pth", "--output_dir", out, "--n_cpu", "2")
+    r = run_script(
+        "test.py",
+        "--dataroot",
+        data,
+        "--generator_A2B",
+        nets / "netG_A2B.pth",
+        "--generator_B2A",
+        nets / "netG_B2A.pth",
+        "--output_dir",
+        out,
+        "--n_cpu",
+        "2",
+    )
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
     assert sorted(p.name for p in (out / "B").iterdir()) == ["big.png", "img 0 RGB.png", "small.png"]
@@ -169,18 +263,35 @@ def test_one_image_is_rounded_exactly_as_the_seeds_save_image(tmp_path):
 def test_a_folder_of_any_images_in_one_direction(tmp_path):
     folder = tmp_path / "photos & <more>"
     for i, (mode, size) in enumerate([("RGBA", (37, 29)), ("I;16", (21, 50)), ("L", (64, 48)), ("CMYK", (30, 31))]):
-        write_image(folder / f"shot {i} {mode.replace(';', '')}.{'jpg' if mode == 'CMYK' else 'png'}", mode, size, seed=i)
+        write_image(
+            folder / f"shot {i} {mode.replace(';', '')}.{'jpg' if mode == 'CMYK' else 'png'}", mode, size, seed=i
+        )
     (folder / "shot 2 L.png").rename(folder / "shot 2 #1 & <b>.png")  # characters that need escaping
     (folder / "Thumbs.db").write_bytes(bytes(64))
     nets = save_generators(tmp_path / "nets")
     out = tmp_path / "o"
-    r = run_script("test.py", "--input", folder, "--generator", nets / "netG_B2A.pth", "--direction", "BtoA",
-                   "--output_dir", out, "--n_cpu", "8")
+    r = run_script(
+        "test.py",
+        "--input",
+        folder,
+        "--generator",
+        nets / "netG_B2A.pth",
+        "--direction",
+        "BtoA",
+        "--output_dir",
+        out,
+        "--n_cpu",
+        "8",
+    )
     assert r.returncode == 0, r.stderr
     assert "excessive worker creation" not in r.stderr  # workers: min(--n_cpu, CPUs, images)
     sizes = {p.name: Image.open(p).size for p in (out / "A").iterdir()}
-    assert sizes == {"shot 0 RGBA.png": (37, 29), "shot 1 I16.png": (21, 50), "shot 2 #1 & <b>.png": (64, 48),
-                     "shot 3 CMYK.png": (30, 31)}
+    assert sizes == {
+        "shot 0 RGBA.png": (37, 29),
+        "shot 1 I16.png": (21, 50),
+        "shot 2 #1 & <b>.png": (64, 48),
+        "shot 3 CMYK.png": (30, 31),
+    }
     assert not (out / "B").exists() and not (out / "rec_B").exists()  # one generator: no reconstruction
     links = page_links(out / "index.html")
     assert len(links) == 4 * 2 * 2 and "real_B/shot%200%20RGBA.png" in links
@@ -193,7 +304,14 @@ def test_input_mode_errors_are_one_line(tmp_path):
     r = run_script("test.py", "--input", tmp_path / "nowhere.jpg", "--generator", nets / "netG_A2B.pth")
     assert r.returncode != 0 and "--input" in r.stderr and "does not exist" in r.stderr and "Traceback" not in r.stderr
     (tmp_path / "fake.jpg").write_text("text")
-    r = run_script("test.py", "--input", tmp_path / "fake.jpg", "--generator", nets / "netG_A2B.pth",
-                   "--output_dir", tmp_path / "o")
+    r = run_script(
+        "test.py",
+        "--input",
+        tmp_path / "fake.jpg",
+        "--generator",
+        nets / "netG_A2B.pth",
+        "--output_dir",
+        tmp_path / "o",
+    )
     assert r.returncode != 0 and "nothing was translated" in r.stderr and "Traceback" not in r.stderr
     assert "fake.jpg: not an image file" in r.stdout

@@ -1,4 +1,5 @@
 """Live monitoring against a real visdom server (started without its CDN download step) and the real client."""
+
 import base64
 import csv
 import io
@@ -29,9 +30,22 @@ def free_port():
 
 
 def start_server(port, env_path):
-    proc = subprocess.Popen([sys.executable, "-c", "from visdom.server.run_server import main; main()", "-port", str(port),
-                             "--hostname", "127.0.0.1", "-bind_local", "-env_path", str(env_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from visdom.server.run_server import main; main()",
+            "-port",
+            str(port),
+            "--hostname",
+            "127.0.0.1",
+            "-bind_local",
+            "-env_path",
+            str(env_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     for _ in range(300):
         try:
             requests.get(f"http://127.0.0.1:{port}/", timeout=1)
@@ -50,6 +64,7 @@ def server(tmp_path):
     def start():
         procs.append(start_server(port, tmp_path / "visdom_env"))
         return procs[-1]
+
     yield port, start
     for p in procs:
         p.kill()
@@ -57,13 +72,29 @@ def server(tmp_path):
 
 
 def train_cmd(data, out, port, *extra):
-    return [sys.executable, str(ROOT / "train.py"), "--dataroot", str(data), "--output_dir", str(out), *QUICK,
-            "--display_server", "http://127.0.0.1", "--display_port", str(port), "--display_env", "t", *extra]
+    return [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--dataroot",
+        str(data),
+        "--output_dir",
+        str(out),
+        *QUICK,
+        "--display_server",
+        "http://127.0.0.1",
+        "--display_port",
+        str(port),
+        "--display_env",
+        "t",
+        *extra,
+    ]
 
 
 def window(port, win, env="t"):
     """A window's state as the server holds it."""
-    return json.loads(Visdom("http://127.0.0.1", port=port, env=env, use_incoming_socket=False).get_window_data(win, env))
+    return json.loads(
+        Visdom("http://127.0.0.1", port=port, env=env, use_incoming_socket=False).get_window_data(win, env)
+    )
 
 
 def traces(port, win, env="t"):
@@ -90,8 +121,12 @@ def test_losses_and_images_are_plotted(tmp_path, server):
     port, start = server
     start()
     data = make_dataset(tmp_path / "d", n_A=3, n_B=2)
-    r = subprocess.run(train_cmd(data, tmp_path / "o", port, "--n_epochs", "2", "--display_freq", "2", "--n_samples", "2"),
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        train_cmd(data, tmp_path / "o", port, "--n_epochs", "2", "--display_freq", "2", "--n_samples", "2"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "cannot reach" not in r.stdout + r.stderr
     rows = csv_rows(tmp_path / "o")
@@ -125,7 +160,7 @@ def test_the_sample_grid_has_a_row_per_domain_and_labels():
     for k, name in enumerate(SAMPLE_NAMES):
         i, j = divmod(k, 3)
         y, x = top + pad + i * (cell + pad), left + pad + j * (cell + pad)
-        assert (grid[:, y:y + cell, x:x + cell] == colours[name][:, :1, :1]).all(), name
+        assert (grid[:, y : y + cell, x : x + cell] == colours[name][:, :1, :1]).all(), name
     assert (grid[:, :top, left:] < 128).any() and (grid[:, top:, :left] < 128).any()  # header and row labels drawn
     assert (grid[:, :top, :left] == 255).all()
 
@@ -143,8 +178,12 @@ def test_a_server_that_comes_up_mid_run_gets_the_whole_history(tmp_path, server)
     port, start = server
     data = make_dataset(tmp_path / "d", n_A=20, n_B=2, size=(28, 28), test=False)
     out = tmp_path / "o"
-    proc = subprocess.Popen(train_cmd(data, out, port, "--display_freq", "1", "--size", "24", "--n_blocks", "9"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # slow enough to outlast the start
+    proc = subprocess.Popen(
+        train_cmd(data, out, port, "--display_freq", "1", "--size", "24", "--n_blocks", "9"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # slow enough to outlast the start
     wait_for_rows(out, 3, proc)
     start()
     stdout, _ = proc.communicate(timeout=300)
@@ -158,8 +197,12 @@ def test_a_server_killed_mid_run_does_not_stop_training(tmp_path, server):
     visdom_proc = start()
     data = make_dataset(tmp_path / "d", n_A=12, n_B=2, size=(28, 28), test=False)
     out = tmp_path / "o"
-    proc = subprocess.Popen(train_cmd(data, out, port, "--display_freq", "1", "--size", "24", "--n_blocks", "9"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        train_cmd(data, out, port, "--display_freq", "1", "--size", "24", "--n_blocks", "9"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     wait_for_rows(out, 3, proc)
     visdom_proc.send_signal(signal.SIGKILL)
     stdout, _ = proc.communicate(timeout=300)
@@ -174,7 +217,9 @@ def test_a_server_that_never_answers_costs_nothing(tmp_path):
         blackhole.listen(0)  # accepts into the backlog, never answers
         data = make_dataset(tmp_path / "d", n_A=4, n_B=2, test=False)
         t0 = time.time()
-        r = run_script("train.py", *train_cmd(data, tmp_path / "o", blackhole.getsockname()[1])[2:], "--display_freq", "1")
+        r = run_script(
+            "train.py", *train_cmd(data, tmp_path / "o", blackhole.getsockname()[1])[2:], "--display_freq", "1"
+        )
         assert r.returncode == 0, r.stderr
         assert time.time() - t0 < 60
     assert len(csv_rows(tmp_path / "o")) == 4

@@ -1,14 +1,15 @@
 """Benchmark (not a test): our training step against the seed's, in one process on the same inputs; and whole runs.
 
-    python tests/bench_step.py --size 256 --cuda         # ms/step, img/s, peak memory, warm-up: seed vs ours
-    python tests/bench_step.py --size 128                # the same on the CPU (no CUDA graph there)
-    python tests/bench_step.py --size 128 --only scales --d_scales 1 2 3   # multi-scale discriminators' cost
-    python tests/bench_step.py runs --size 128 --steps 8 # whole runs on 8 demo scenes: the seed's loop vs train.py
+    python bench/bench_step.py --size 256 --cuda         # ms/step, img/s, peak memory, warm-up: seed vs ours
+    python bench/bench_step.py --size 128                # the same on the CPU (no CUDA graph there)
+    python bench/bench_step.py --size 128 --only scales --d_scales 1 2 3   # multi-scale discriminators' cost
+    python bench/bench_step.py runs --size 128 --steps 8 # whole runs on 8 demo scenes: the seed's loop vs train.py
 
 The seed-style step is aitorzip/PyTorch-CycleGAN's algorithm: six generator calls, the discriminators' gradients
 computed (and thrown away) in the generator update, patch maps average-pooled to one score, three plain Adams,
 float32, eager. "ours" is train.py's train_step as main() sets it up.
 """
+
 import argparse
 import functools
 import os
@@ -27,8 +28,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from models import Discriminator, Generator, weights_init_normal  # noqa: E402
 from datasets import make_demo  # noqa: E402
+from models import Discriminator, Generator, weights_init_normal  # noqa: E402
 from runtime import amp_dtype  # noqa: E402
 from utils import ReplayBuffer  # noqa: E402
 
@@ -60,8 +61,10 @@ def seed_step(nets, optimizers, buffers, real_A, real_B):
     loss_cycle = 10.0 * (F.l1_loss(G_B2A(fake_B), real_A) + F.l1_loss(G_A2B(fake_A), real_B))
     (loss_identity + loss_GAN + loss_cycle).backward()
     optimizer_G.step()
-    for D, optimizer, real, fake, buffer in ((D_A, optimizer_D_A, real_A, fake_A, fake_A_buffer),
-                                             (D_B, optimizer_D_B, real_B, fake_B, fake_B_buffer)):
+    for D, optimizer, real, fake, buffer in (
+        (D_A, optimizer_D_A, real_A, fake_A, fake_A_buffer),
+        (D_B, optimizer_D_B, real_B, fake_B, fake_B_buffer),
+    ):
         optimizer.zero_grad()
         fake = buffer.push_and_pop(fake, buffer.draw(len(fake)).to(fake.device))
         loss_D = 0.5 * (F.mse_loss(score(D, real), ones) + F.mse_loss(score(D, fake.detach()), 0 * ones))
@@ -71,11 +74,15 @@ def seed_step(nets, optimizers, buffers, real_A, real_B):
 
 def setups(device, args):
     """(name, step function of (real_A, real_B), memory format) for each variant timed."""
+
     def seed():
         nets = make_nets(device, args.n_blocks)
         adam = functools.partial(torch.optim.Adam, lr=2e-4, betas=(0.5, 0.999))
-        optimizers = (adam([*nets[0].parameters(), *nets[1].parameters()]), adam(nets[2].parameters()),
-                      adam(nets[3].parameters()))
+        optimizers = (
+            adam([*nets[0].parameters(), *nets[1].parameters()]),
+            adam(nets[2].parameters()),
+            adam(nets[3].parameters()),
+        )
         buffers = ReplayBuffer(50, 0), ReplayBuffer(50, 1)
         return functools.partial(seed_step, nets, optimizers, buffers)
 
@@ -96,26 +103,38 @@ def setups(device, args):
                 return step(*train.to_device({"A": real_A, "B": real_B}, run.buffers, device, run.memory_format))
             real_A, real_B = (x.to(device, memory_format=run.memory_format) for x in (real_A, real_B))
             return step(real_A, real_B, *(b.draw(len(real_A)).to(device, non_blocking=True) for b in run.buffers))
+
         return call
 
     cuda = device.type == "cuda"
-    variants = [("seed-style, fp32 eager", seed, False), ("ours, fp32", functools.partial(ours, False, False), True),
-                ("ours, --amp", functools.partial(ours, True, False), True)]
+    variants = [
+        ("seed-style, fp32 eager", seed, False),
+        ("ours, fp32", functools.partial(ours, False, False), True),
+        ("ours, --amp", functools.partial(ours, True, False), True),
+    ]
     if cuda:
         variants += [
             ("ours, fp32, CUDA graph", functools.partial(ours, False, True), True),
-            ("ours, --amp, CUDA graph (train.py --cuda --amp: channels_last, pinned draws)",
-             functools.partial(ours, True, True), True),
-            ("ours, --amp, CUDA graph, contiguous networks and buffers",
-             functools.partial(ours, True, True, torch.contiguous_format), True),
+            (
+                "ours, --amp, CUDA graph (train.py --cuda --amp: channels_last, pinned draws)",
+                functools.partial(ours, True, True),
+                True,
+            ),
+            (
+                "ours, --amp, CUDA graph, contiguous networks and buffers",
+                functools.partial(ours, True, True, torch.contiguous_format),
+                True,
+            ),
             ("ours, --amp, eager, channels_last", functools.partial(ours, True, False), True),
             ("ours, --amp, eager, contiguous", functools.partial(ours, True, False, torch.contiguous_format), True),
-            ("ours, --amp, eager, pageable draws", functools.partial(ours, True, False, pinned=False), True)]
+            ("ours, --amp, eager, pageable draws", functools.partial(ours, True, False, pinned=False), True),
+        ]
     if not cuda and amp_dtype(device) is None:
         variants = [v for v in variants if "--amp" not in v[0]]
         print("(this CPU has no bfloat16 units: --amp trains in float32, so it is not timed separately)")
-    variants += [(f"ours, fp32, --d_scales {k}", functools.partial(ours, False, cuda, scales=k), True)
-                 for k in args.d_scales]
+    variants += [
+        (f"ours, fp32, --d_scales {k}", functools.partial(ours, False, cuda, scales=k), True) for k in args.d_scales
+    ]
     if args.only:
         variants = [v for v in variants if v[0] == variants[0][0] or any(w in v[0] for w in args.only.split(","))]
     return variants
@@ -152,7 +171,9 @@ def time_steps(args, device):
         print(f"  {name}: {ms:.1f} ms/step", flush=True)
         del step
     base = rows[0][1]
-    print(f"\n{device_name(device)}, {args.size} px, batch {args.batch}, {args.steps} steps after {args.warmup} warm-up")
+    print(
+        f"\n{device_name(device)}, {args.size} px, batch {args.batch}, {args.steps} steps after {args.warmup} warm-up"
+    )
     print("| step | ms/step | img/s | peak GiB | warm-up s | vs seed |\n|---|---|---|---|---|---|")
     for name, ms, ips, peak, warmup in rows:
         print(f"| {name} | {ms:.1f} | {ips:.1f} | {peak:.2f} | {warmup:.1f} | {base / ms:.2f}x |")
@@ -161,11 +182,14 @@ def time_steps(args, device):
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name()
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "CPU")
+    model = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "CPU"
+    )
     return f"{model}, {torch.get_num_threads()} threads ({torch.backends.cpu.get_cpu_capability()})"
 
 
 # ---- whole runs: the seed's training loop (data loading and saving included) against train.py ----
+
 
 def seed_run(args):
     """The seed's train.py for one epoch: its data pipeline and loop, no visdom; saves its four files at the end."""
@@ -176,23 +200,34 @@ def seed_run(args):
         def __init__(self, root):
             self.files_A = sorted((Path(root) / "train" / "A").glob("*.*"))
             self.files_B = sorted((Path(root) / "train" / "B").glob("*.*"))
-            self.transform = T.Compose([T.Resize(int(args.size * 1.12), T.InterpolationMode.BICUBIC),
-                                        T.RandomCrop(args.size), T.RandomHorizontalFlip(), T.ToTensor(),
-                                        T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+            self.transform = T.Compose(
+                [
+                    T.Resize(int(args.size * 1.12), T.InterpolationMode.BICUBIC),
+                    T.RandomCrop(args.size),
+                    T.RandomHorizontalFlip(),
+                    T.ToTensor(),
+                    T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+                ]
+            )
 
         def __len__(self):
             return max(len(self.files_A), len(self.files_B))
 
         def __getitem__(self, i):
             b = self.files_B[np.random.randint(len(self.files_B))]
-            return {"A": self.transform(Image.open(self.files_A[i % len(self.files_A)]).convert("RGB")),
-                    "B": self.transform(Image.open(b).convert("RGB"))}
+            return {
+                "A": self.transform(Image.open(self.files_A[i % len(self.files_A)]).convert("RGB")),
+                "B": self.transform(Image.open(b).convert("RGB")),
+            }
 
     device = torch.device("cuda" if args.cuda else "cpu")
     nets = make_nets(device)
     adam = functools.partial(torch.optim.Adam, lr=2e-4, betas=(0.5, 0.999))
-    optimizers = (adam([*nets[0].parameters(), *nets[1].parameters()]), adam(nets[2].parameters()),
-                  adam(nets[3].parameters()))
+    optimizers = (
+        adam([*nets[0].parameters(), *nets[1].parameters()]),
+        adam(nets[2].parameters()),
+        adam(nets[3].parameters()),
+    )
     buffers = ReplayBuffer(50, 0), ReplayBuffer(50, 1)
     loader = DataLoader(SeedData(args.dataroot), batch_size=1, shuffle=True, num_workers=args.n_cpu)
     for batch in loader:
@@ -219,20 +254,45 @@ def time_runs(args):
         data = Path(tmp) / "data"  # the demo's scenes, with a test split: train.py draws its sample sheets
         make_demo(data, size=int(args.size * 1.12) + 1, n_train=args.steps, n_test=args.steps)
         common = ["--size", str(args.size), "--n_cpu", str(args.n_cpu)] + ["--cuda"] * args.cuda
-        runs = {"seed's train loop (fp32)": lambda k: [sys.executable, __file__, "seed-run", "--dataroot", str(data),
-                                                       "--output_dir", f"{tmp}/seed{k}", *common],
-                "train.py": lambda k: [sys.executable, str(ROOT / "train.py"), "--dataroot", str(data), "--output_dir",
-                                       f"{tmp}/ours{k}", "--n_epochs", "1", "--decay_epoch", "0", "--seed", "0",
-                                       "--no_visdom", *common],
-                "train.py --amp": lambda k: [*runs["train.py"](f"amp{k}"), "--amp"]}
+        runs = {
+            "seed's train loop (fp32)": lambda k: [
+                sys.executable,
+                __file__,
+                "seed-run",
+                "--dataroot",
+                str(data),
+                "--output_dir",
+                f"{tmp}/seed{k}",
+                *common,
+            ],
+            "train.py": lambda k: [
+                sys.executable,
+                str(ROOT / "train.py"),
+                "--dataroot",
+                str(data),
+                "--output_dir",
+                f"{tmp}/ours{k}",
+                "--n_epochs",
+                "1",
+                "--decay_epoch",
+                "0",
+                "--seed",
+                "0",
+                "--no_visdom",
+                *common,
+            ],
+            "train.py --amp": lambda k: [*runs["train.py"](f"amp{k}"), "--amp"],
+        }
         results = {name: [] for name in runs}
         for k in range(args.repeats):  # interleaved, so drifts in machine load hit every variant alike
             for name, cmd in runs.items():
                 results[name].append(timed(cmd(k)))
                 print(f"  {name}: {results[name][-1][0]:.1f} s, {results[name][-1][1]:.0f} MiB", flush=True)
     base = statistics.median(w for w, _ in results["seed's train loop (fp32)"])
-    print(f"\n{device_name(torch.device('cuda' if args.cuda else 'cpu'))}: whole runs of {args.steps} steps at "
-          f"{args.size} px (start-up, loading and saving included), median of {args.repeats}")
+    print(
+        f"\n{device_name(torch.device('cuda' if args.cuda else 'cpu'))}: whole runs of {args.steps} steps at "
+        f"{args.size} px (start-up, loading and saving included), median of {args.repeats}"
+    )
     print("| run | wall s | vs seed | peak RSS MiB |\n|---|---|---|---|")
     for name, rs in results.items():
         wall = statistics.median(w for w, _ in rs)
@@ -245,13 +305,23 @@ if __name__ == "__main__":
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--n_blocks", type=int, default=9, help="residual blocks per generator (the seed's step has 9)")
-    p.add_argument("--only", help="step mode: time the seed-style step and the variants whose names hold one of "
-                                  "these comma-separated words (e.g. 'graph,contiguous')")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (step mode: 50 on CUDA, 3 on CPU), or steps per run")
+    p.add_argument(
+        "--only",
+        help="step mode: time the seed-style step and the variants whose names hold one of "
+        "these comma-separated words (e.g. 'graph,contiguous')",
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="timed steps (step mode: 50 on CUDA, 3 on CPU), or steps per run"
+    )
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (10 on CUDA, 1 on CPU)")
     p.add_argument("--repeats", type=int, default=3, help="runs mode: runs of each kind")
-    p.add_argument("--d_scales", type=int, nargs="*", default=[], help="step mode: also ours with these numbers of "
-                                                                        "discriminator scales (e.g. 2 3)")
+    p.add_argument(
+        "--d_scales",
+        type=int,
+        nargs="*",
+        default=[],
+        help="step mode: also ours with these numbers of discriminator scales (e.g. 2 3)",
+    )
     p.add_argument("--cuda", action="store_true")
     p.add_argument("--n_cpu", type=int, default=0, help="loader workers in runs mode")
     p.add_argument("--dataroot")

@@ -1,7 +1,8 @@
 """Benchmark (not a test): training-thread time per step spent in logging, with and without a live visdom server.
 
-    python tests/bench_logging.py        # compare with your step time: 2% of a 50 ms GPU step is 1 ms
+python bench/bench_logging.py        # compare with your step time: 2% of a 50 ms GPU step is 1 ms
 """
+
 import contextlib
 import io
 import sys
@@ -11,13 +12,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from conftest import ROOT  # noqa: E402
 from test_visdom import free_port, start_server  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
-from train import LOSS_NAMES  # noqa: E402
 from report import Logger, VisdomPlotter  # noqa: E402
+
+URL = "http://127.0.0.1"
+from train import LOSS_NAMES  # noqa: E402
 
 
 def per_step_ms(plotter, steps=2000, display_freq=100, size=256):
@@ -40,7 +43,9 @@ if __name__ == "__main__":
     server = start_server(port, tempfile.mkdtemp())
     try:
         print(f"no visdom:        {per_step_ms(None):.3f} ms per step")
-        print(f"live visdom:      {per_step_ms(VisdomPlotter('http://127.0.0.1', port, 'bench', LOSS_NAMES)):.3f} ms per step")
+        print(f"live visdom:      {per_step_ms(VisdomPlotter(URL, port, 'bench', LOSS_NAMES)):.3f} ms per step")
     finally:
         server.kill()
-    print(f"server down:      {per_step_ms(VisdomPlotter('http://127.0.0.1', port, 'bench', LOSS_NAMES, verbose=False)):.3f} ms per step")
+    print(
+        f"server down:      {per_step_ms(VisdomPlotter(URL, port, 'bench', LOSS_NAMES, verbose=False)):.3f} ms per step"
+    )

@@ -4,8 +4,8 @@
 # time limit (25 + 180 + 160 + 120 s: about 8 minutes); logs and a summary table (summary.md) go to $OUT (default
 # gpu_check/).
 # Needs torch, torchvision, pillow, numpy, tqdm, requests and pytest; not visdom.
-#   tests/gpu_check.sh                                      # on the GPU machine
-#   CUDA= SIZE=32 STEPS=4 tests/gpu_check.sh                # dry run of the plumbing on the CPU (test_gpu.py skips)
+#   bench/gpu_check.sh                                      # on the GPU machine
+#   CUDA= SIZE=32 STEPS=4 bench/gpu_check.sh                # dry run of the plumbing on the CPU (test_gpu.py skips)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check} SIZE=${SIZE:-256} STEPS=${STEPS:-200} CUDA=${CUDA---cuda}
@@ -39,10 +39,10 @@ part 180 "tests/test_gpu.py" test_gpu.log python -m pytest -q -rs -p no:cachepro
 #    and (from 96 px, where three scales fit) --d_scales 1, 2, 3
 SCALES=()
 [ "$SIZE" -ge 96 ] && SCALES=(--d_scales 1 2 3)
-part 160 "step benchmark, ${SIZE} px" bench_step.log python tests/bench_step.py --size "$SIZE" $CUDA "${SCALES[@]}"
+part 160 "step benchmark, ${SIZE} px" bench_step.log python bench/bench_step.py --size "$SIZE" $CUDA "${SCALES[@]}"
 # 3. whole runs, loading and saving included: the seed's loop, train.py, train.py --amp
 part 120 "whole runs, ${STEPS} steps" bench_runs.log \
-    python tests/bench_step.py runs --size "$SIZE" $CUDA --n_cpu 8 --steps "$STEPS" --repeats 1
+    python bench/bench_step.py runs --size "$SIZE" $CUDA --n_cpu 8 --steps "$STEPS" --repeats 1
 
 {
     echo "# GPU check, $(date -u '+%Y-%m-%d %H:%M UTC')"
