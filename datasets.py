@@ -440,7 +440,7 @@ def main(argv=None):
     demo.add_argument(
         "--objects",
         action="store_true",
-        help="a house in every scene, the same in both seasons, and its masks in test/mask_A (README: --attention)",
+        help="a house in every scene, the same in both seasons, and its masks in test/mask_A (docs/training.md)",
     )
     sub.add_parser("list", help="name the authors' data sets (with sizes) and pretrained generators")
     for command, root, what in (("download", "datasets", "data set"), ("pretrained", "pretrained", "generator")):

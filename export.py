@@ -6,7 +6,7 @@
 Any file test.py loads: this repository's generators (--attention ones too), the seed's, the CycleGAN authors'
 released ones, other ResNet layouts. The graph takes a batch of images of any height and width from 8 px up, pads
 them to a multiple of 4 and crops back inside, so its output is test.py's translation; the model's metadata says
-how to make its input and read its output (README: Using a generator elsewhere).
+how to make its input and read its output (docs/translating.md: Using a generator elsewhere).
 """
 
 import argparse

@@ -358,7 +358,7 @@ def stopped_blend(content, a, x):
     that the maps learn from the adversarial loss and the total variation only. With the cycle loss's gradient they
     fell to 0 everywhere within an epoch on the demo (a generator that changes nothing makes the cycle loss 0, and
     sigmoid's gradient then vanishes); with the identity loss's, they became a domain detector (0 on the target
-    domain) and the content never learned (README: Choosing what is translated)."""
+    domain) and the content never learned (docs/experiments.md)."""
     return blend(content, a.detach(), x)
 
 

@@ -109,7 +109,9 @@ def add_data_flags(g):
 
 def add_training_flags(g):
     """The losses, the optimiser and its schedule, the epochs."""
-    g.add_argument("--epoch", type=int, default=0, help="starting epoch (see README: resuming)")
+    g.add_argument(
+        "--epoch", type=int, default=0, help="starting epoch of a new run's schedule (docs/training.md: resuming)"
+    )
     g.add_argument("--n_epochs", type=int, default=200, help="number of epochs of training")
     g.add_argument(
         "--decay_epoch", type=int, default=100, help="epoch to start linearly decaying the learning rate to 0"

@@ -1,6 +1,6 @@
 """Benchmark (not a test): what an epoch end costs next to the epoch's steps, in whole train.py runs.
 
-    python bench/bench_epoch_end.py                 # the demo (README's quick start) and a 128 px run of 8 scenes
+    python bench/bench_epoch_end.py                 # the demo (README's quick start 2) and a 128 px run of 8 scenes
     python bench/bench_epoch_end.py --only 128      # one of them
 
 Each run is train.py's main() in a process of its own, with EpochEnd's steps and train_epoch timed from outside:

@@ -14,6 +14,8 @@ from conftest import FAST, make_dataset, run_script
 from test_ddp import torchrun
 from test_epoch_end import Links, assert_same_weights, train
 
+pytestmark = pytest.mark.slow  # every test here trains or starts servers for seconds
+
 NETS = ("G_A2B", "G_B2A", "D_A", "D_B")
 
 

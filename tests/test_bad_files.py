@@ -49,6 +49,7 @@ def messy_data(root):
     return root, {"truncated.jpg", "empty.png", "notes.jpg"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_cpu", ["0", "2"])
 def test_an_epoch_on_a_messy_folder_reports_exactly_the_bad_files(tmp_path, n_cpu):
     root, bad = messy_data(tmp_path / "data")

@@ -17,6 +17,8 @@ import torch
 from conftest import FAST, ROOT, make_dataset
 from models import Discriminator, Generator
 
+pytestmark = pytest.mark.slow  # every test here trains or starts servers for seconds
+
 NETS = ("G_A2B", "G_B2A", "D_A", "D_B")
 RUN = [*FAST, "--size", "24", "--display_freq", "1"]
 LONG = [*RUN, "--n_epochs", "3", "--decay_epoch", "1", "--save_freq", "2"]  # 3 epochs of 2 steps on 2 processes

@@ -353,6 +353,7 @@ def test_the_printed_resume_command_keeps_the_device():
     assert checkpoints.resume_command(args) == "python train.py --resume --output_dir runs/x --cuda"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["train.py", "test.py", "export.py"])
 def test_each_script_refuses_an_unknown_device_in_one_line(tmp_path, script):
     out = tmp_path / "out"

@@ -291,6 +291,7 @@ def authors_generator_bytes():
     return G, buf.getvalue()
 
 
+@pytest.mark.slow
 def test_pretrained_generator_is_fetched_resumed_and_loads(server, tmp_path):
     G, data = authors_generator_bytes()
     server.files["/style_monet.pth"], server.mode = data, "cut"

@@ -20,6 +20,8 @@ from PIL import Image
 from conftest import QUICK, ROOT, make_dataset, run_script
 from test_resume import assert_same_run
 
+pytestmark = pytest.mark.slow  # every test here trains or starts servers for seconds
+
 # 2 epochs of 6 steps at 24 px (a checkpoint every 2 steps), FID/KID after each, 2 fixed images per domain, figures.
 RUN = [
     *[f for f in QUICK if f != "--no_figures"],

@@ -1,6 +1,7 @@
 """export.py and the Python API: each kind of generator file test.py loads, exported with dynamic batch, height and
-width and run by onnxruntime on images whose sides are not multiples of 4, gives test.py's PNGs; README's examples
-run as written; what a user gets wrong is one line, and a file that fails its check is not left behind."""
+width and run by onnxruntime on images whose sides are not multiples of 4, gives test.py's PNGs; the examples of
+docs/translating.md run as written; what a user gets wrong is one line, and a file that fails its check is not left
+behind."""
 
 import re
 import subprocess
@@ -29,7 +30,7 @@ def authors_layout(G):
     return state
 
 
-KINDS = {  # what test.py loads besides our own files (the seed's have our keys: README's example covers them); other
+KINDS = {  # what test.py loads besides our own files (the seed's have our keys: the docs' example covers them); other
     # layouts load as the authors' do, by order (tests/test_models.py), and export the same loaded module
     "authors": lambda: authors_layout(models.Generator(3, 3, 1)),
     "attention": lambda: models.AttentionGenerator(3, 1).state_dict(),
@@ -46,7 +47,7 @@ def images(tmp_path_factory):
 
 
 def run_onnx(path, image):
-    """README's onnxruntime example, as a function: a PIL image through the exported file to a uint8 array."""
+    """The docs' onnxruntime example, as a function: a PIL image through the exported file to a uint8 array."""
     session = onnxruntime.InferenceSession(str(path))
     x = (np.asarray(image.convert("RGB"), dtype=np.float32) / 255 * 2 - 1).transpose(2, 0, 1)[None]
     y = session.run(None, {"image": x})[0][0]
@@ -59,6 +60,7 @@ def assert_close_pixels(a, b):
     assert a.shape == b.shape and diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_kind_of_generator_file_exports_to_test_pys_pixels(kind, images, tmp_path, capsys):
     torch.manual_seed(1)
@@ -76,7 +78,7 @@ def test_each_kind_of_generator_file_exports_to_test_pys_pixels(kind, images, tm
     assert "[-1, 1]" in props["input"] and "height and width" in props["input"] and props["generator"] == "G.pth"
     G = models.load_generator(tmp_path / "G.pth")
     for path in sorted(images.iterdir()):
-        image = Image.open(path).convert("RGB")  # the RGBA one: README's example has no alpha handling
+        image = Image.open(path).convert("RGB")  # the RGBA one: the docs' example has no alpha handling
         assert_close_pixels(run_onnx(tmp_path / "G.onnx", image), np.asarray(models.translate_image(G, image)))
 
 
@@ -101,20 +103,21 @@ def test_translate_image_writes_the_pixels_test_py_writes(images, tmp_path):
         assert np.array_equal(np.asarray(models.translate_image(G, Image.open(path))), written), path.name
 
 
-def readme_section(title):
-    """The code blocks of README's section `title`, in order: (language, code)."""
-    text = (ROOT / "README.md").read_text()
+def docs_section(title, page="docs/translating.md"):
+    """The code blocks of the docs page's section `title`, in order: (language, code)."""
+    text = (ROOT / page).read_text()
     section = text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```(\w+)\n(.*?)```", section, re.S)
 
 
-def test_readmes_examples_run_as_written(images, tmp_path):
+@pytest.mark.slow
+def test_the_docs_examples_run_as_written(images, tmp_path):
     """The export command, the Python API and the onnxruntime example, in a folder laid out as after the demo."""
     (tmp_path / "output" / "demo").mkdir(parents=True)
     (tmp_path / "datasets" / "demo" / "test").mkdir(parents=True)
     (tmp_path / "datasets" / "demo" / "test" / "A").symlink_to(images)
     torch.save(models.Generator(3, 3, 1).state_dict(), tmp_path / "output" / "demo" / "netG_A2B.pth")
-    blocks = readme_section("Using a generator elsewhere")
+    blocks = docs_section("Using a generator elsewhere")
     assert [language for language, _ in blocks] == ["python", "bash", "python"]
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
     for language, code in blocks:
@@ -129,6 +132,7 @@ def test_readmes_examples_run_as_written(images, tmp_path):
     assert_close_pixels(ort, api)
 
 
+@pytest.mark.slow
 def test_what_a_user_gets_wrong_is_one_line_and_a_failed_check_leaves_no_file(tmp_path, monkeypatch):
     (tmp_path / "notes.pth").write_text("not weights")
     torch.save(models.Generator(3, 3, 1).state_dict(), tmp_path / "G.pth")

@@ -12,6 +12,8 @@ import torch
 
 from conftest import FAST, ROOT, make_dataset, run_script
 
+pytestmark = pytest.mark.slow  # every test here trains or starts servers for seconds
+
 RUN = [*FAST, "--size", "24", "--n_epochs", "2", "--n_cpu", "2"]
 
 # Runs train.py as __main__ after patching it the way a test asks: a bug in a loader worker, in the main loop, or a

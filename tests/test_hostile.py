@@ -64,6 +64,7 @@ def strip_png(path, size):
 # ---- memory: images that declare too many pixels ----
 
 
+@pytest.mark.slow
 def test_extreme_aspect_ratios_in_a_training_folder_are_left_out_with_bounded_memory(tmp_path):
     data = make_dataset(tmp_path / "data", n_A=20, n_B=2, test=False)
     tall = strip_png(data / "train" / "A" / "tall.png", (1, 400000))
@@ -79,6 +80,7 @@ def test_extreme_aspect_ratios_in_a_training_folder_are_left_out_with_bounded_me
     assert peak < 1500, f"peak RSS {peak:.0f} MiB"  # resizing the tall one alone took 3.6 GB
 
 
+@pytest.mark.slow
 def test_test_script_skips_images_it_cannot_translate_in_memory_and_writes_the_page(tmp_path):
     nets = tmp_path / "nets"
     nets.mkdir()
@@ -127,6 +129,7 @@ def test_test_script_skips_images_it_cannot_translate_in_memory_and_writes_the_p
     assert Image.open(tmp_path / "scaled" / "B" / "ok.png").size == (20, 12)  # small ones keep their size
 
 
+@pytest.mark.slow
 def test_a_generator_file_claiming_1000_blocks_is_refused_before_anything_is_built(tmp_path):
     """1000 residual blocks would be 5.2 GB of weights; the file's tiny tensors are refused from their shapes."""
     state = {}
@@ -237,6 +240,7 @@ def test_a_member_name_no_file_system_takes_is_refused(server, tmp_path):
 # ---- nothing is written through a link that was planted ----
 
 
+@pytest.mark.slow
 def test_links_planted_in_the_output_folder_are_never_written_through(tmp_path):
     data = make_dataset(tmp_path / "data", n_A=3, n_B=2)
     out, victims = tmp_path / "run", []
@@ -274,6 +278,7 @@ def test_a_planted_part_file_link_is_refused(server, tmp_path):
 # ---- a checkpoint never decides where data goes ----
 
 
+@pytest.mark.slow
 def test_a_resumed_checkpoint_naming_another_visdom_server_sends_it_nothing(tmp_path):
     listener = socket.create_server(("127.0.0.1", 0))
     connections = []
@@ -405,6 +410,7 @@ def checkpoint_cases(tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_damaged_or_foreign_checkpoints_are_one_line(tmp_path):
     """Each named as load_checkpoint reads it; the first and the last (found only when the networks are loaded) also
     by the script, as one line."""

@@ -2,6 +2,7 @@
 another size, missing and unreadable ones cost one line; both layouts; the page shows the mask."""
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import make_dataset, run_script
@@ -12,6 +13,7 @@ def pixels(path):
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.int64)
 
 
+@pytest.mark.slow
 def test_masks_keep_translate_and_blend_exactly(tmp_path):
     data = make_dataset(tmp_path / "data", n_A=4, n_B=2, size=(40, 36), modes=("RGB", "RGBA"))
     nets = generators(tmp_path / "nets")
@@ -50,6 +52,7 @@ def test_masks_keep_translate_and_blend_exactly(tmp_path):
     assert f"mask_A/{names[0]}.png" in page and "<th>mask</th>" in page
 
 
+@pytest.mark.slow
 def test_masks_with_an_input_folder_and_their_mistakes(tmp_path):
     data = make_dataset(tmp_path / "data", n_A=2, n_B=1, size=(32, 28))
     nets = generators(tmp_path / "nets")

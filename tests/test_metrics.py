@@ -251,6 +251,7 @@ def test_input_mode_against_a_reference_folder(tmp_path, tiny, capsys):
         run_test_py(*common, "--reference", reference)
 
 
+@pytest.mark.slow
 def test_the_script_says_in_one_line_where_the_weights_go(tmp_path):
     data = make_dataset(tmp_path / "d", n_A=2, n_B=2, size=(32, 28))
     nets, out = small_generators(tmp_path / "nets"), tmp_path / "out"
@@ -277,6 +278,7 @@ def test_the_script_says_in_one_line_where_the_weights_go(tmp_path):
     assert not (out / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_inception_from_a_local_weights_file(tmp_path, monkeypatch):
     """The real extractor's path end to end, with random weights of the right shapes saved as a local file."""
     from torch_fidelity import FeatureExtractorInceptionV3

@@ -15,6 +15,8 @@ import models
 from conftest import FAST, ROOT, make_dataset, run_script
 from test_resume import wait_for_checkpoint
 
+pytestmark = pytest.mark.slow  # every test here trains or starts servers for seconds
+
 train = __import__("importlib").import_module("train")
 NETS = ("G_A2B", "G_B2A", "D_A", "D_B")
 

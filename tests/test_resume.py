@@ -15,6 +15,8 @@ import torch
 
 from conftest import FAST, ROOT, make_dataset, run_script
 
+pytestmark = pytest.mark.slow  # every test here trains or starts servers for seconds
+
 NETS = ("G_A2B", "G_B2A", "D_A", "D_B")
 # 2 epochs of 6 steps at 24 px, a checkpoint every 2 steps.
 RUN = [*FAST, "--size", "24", "--n_epochs", "2", "--decay_epoch", "1", "--save_freq", "2", "--display_freq", "1"]

@@ -141,6 +141,7 @@ def test_one_fast_fp32_step_equals_the_plain_six_call_step(batch, reference):
     assert fake_A.shape == rec_B.shape == batch[0].shape
 
 
+@pytest.mark.slow
 def test_the_amp_step_stays_within_bfloat16_tolerance(batch, reference):
     batch = [x[:1, :, :24, :24] for x in batch]  # bfloat16 is slow on CPUs without bfloat16 units
     bf16 = torch.autocast("cpu", torch.bfloat16, cache_enabled=False)

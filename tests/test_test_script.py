@@ -39,6 +39,7 @@ def page_links(page):
     return links
 
 
+@pytest.mark.slow
 def test_every_image_keeps_its_own_size_and_name(tmp_path):
     data = tmp_path / "d"
     write_image(data / "test" / "A" / "summer day.jpg", "RGB", (333, 517))
@@ -80,6 +81,7 @@ def test_every_image_keeps_its_own_size_and_name(tmp_path):
     assert {"real_B/w1.png", "A/w1.png", "rec_B/w1.png"} <= set(links)
 
 
+@pytest.mark.slow
 def test_batched_and_single_translation_agree(tmp_path):
     data = make_dataset(tmp_path / "d", n_A=1, n_B=3, size=(48, 40))
     nets = save_generators(tmp_path / "nets")
@@ -106,6 +108,7 @@ def test_batched_and_single_translation_agree(tmp_path):
     assert all(np.abs(a - b).max() <= 1 for a, b in zip(*outs))
 
 
+@pytest.mark.slow
 def test_grayscale_generators(tmp_path):
     data = make_dataset(tmp_path / "d", n_A=1, n_B=1, modes=("RGB",))
     nets = save_generators(tmp_path / "nets", 1, 1)
@@ -128,6 +131,7 @@ def test_grayscale_generators(tmp_path):
     assert Image.open(next((tmp_path / "o" / "B").iterdir())).mode == "L"
 
 
+@pytest.mark.slow
 def test_a_wrong_checkpoint_is_one_clear_line(tmp_path):
     data = make_dataset(tmp_path / "d", n_A=1, n_B=1)
     nets = save_generators(tmp_path / "nets", 1, 1)
@@ -167,6 +171,7 @@ def test_cuda_without_a_gpu_is_one_clear_line(tmp_path):
     assert r.returncode != 0 and "drop --cuda" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_psnr_against_ground_truth_is_reported(tmp_path):
     from datasets import make_demo
 
@@ -200,6 +205,7 @@ def test_psnr_against_ground_truth_is_reported(tmp_path):
     assert f"do-nothing baseline, test/A itself: {baseline:.2f} dB" in r.stdout
 
 
+@pytest.mark.slow
 def test_unreadable_images_are_skipped_and_named(tmp_path):
     data = make_dataset(tmp_path / "d", n_A=1, n_B=1)
     write_image(data / "test" / "A" / "big.png", "RGB", (52, 44))
@@ -231,6 +237,7 @@ def test_unreadable_images_are_skipped_and_named(tmp_path):
     page_links(out / "index.html")
 
 
+@pytest.mark.slow
 def test_after_train_with_an_output_dir_test_needs_no_generator_flags(tmp_path):
     data = make_dataset(tmp_path / "d", n_A=2, n_B=1)
     run_dir = tmp_path / "runs" / "x"
@@ -260,6 +267,7 @@ def test_one_image_is_rounded_exactly_as_the_seeds_save_image(tmp_path):
     assert sorted(page_links(out / "index.html")) == sorted(["real_A/my%20photo.png", "B/my%20photo.png"] * 2)
 
 
+@pytest.mark.slow
 def test_a_folder_of_any_images_in_one_direction(tmp_path):
     folder = tmp_path / "photos & <more>"
     for i, (mode, size) in enumerate([("RGBA", (37, 29)), ("I;16", (21, 50)), ("L", (64, 48)), ("CMYK", (30, 31))]):
@@ -299,6 +307,7 @@ def test_a_folder_of_any_images_in_one_direction(tmp_path):
     assert "shot 3 CMYK.jpg" in page and "shot 2 #1 &amp; &lt;b&gt;.png" in page and "http" not in page.lower()
 
 
+@pytest.mark.slow
 def test_input_mode_errors_are_one_line(tmp_path):
     nets = save_generators(tmp_path / "nets")
     r = run_script("test.py", "--input", tmp_path / "nowhere.jpg", "--generator", nets / "netG_A2B.pth")

@@ -8,6 +8,7 @@ from conftest import FAST, make_dataset, run_script
 from models import Discriminator, Generator
 
 
+@pytest.mark.slow
 def test_a_few_steps_on_mixed_modes_write_seed_files_and_a_full_checkpoint(tiny_data, tmp_path):
     out = tmp_path / "out"
     r = run_script("train.py", "--dataroot", tiny_data, "--output_dir", out, *FAST, "--n_blocks", "9")  # the paper's
@@ -30,6 +31,7 @@ def test_a_few_steps_on_mixed_modes_write_seed_files_and_a_full_checkpoint(tiny_
     assert all(math.isfinite(float(rows[0][k])) for k in ("loss_G", "loss_D", "loss_G_cycle", "lr"))
 
 
+@pytest.mark.slow
 def test_batches_and_grayscale_and_the_authors_layout(tmp_path):
     data = make_dataset(tmp_path / "d", n_A=5, n_B=3, layout="authors", modes=("L", "RGB"), test=False)
     r = run_script(
@@ -51,6 +53,7 @@ def test_batches_and_grayscale_and_the_authors_layout(tmp_path):
     Generator(1, 1, n_residual_blocks=1).load_state_dict(torch.load(tmp_path / "o" / "netG_A2B.pth", weights_only=True))
 
 
+@pytest.mark.slow
 def test_learning_rate_decays_linearly_after_decay_epoch(tmp_path):
     data = make_dataset(tmp_path / "d", n_A=1, n_B=1, test=False)
     r = run_script(
@@ -74,6 +77,7 @@ def test_learning_rate_decays_linearly_after_decay_epoch(tmp_path):
         )  # the seed: 1 - (e - 2) / 2
 
 
+@pytest.mark.slow
 def test_different_channel_counts_need_identity_off(tmp_path):
     data = make_dataset(tmp_path / "d", n_A=2, n_B=2, modes=("RGB", "L"), test=False)
     args = ["--dataroot", data, "--output_dir", tmp_path / "o", *FAST, "--input_nc", "3", "--output_nc", "1"]

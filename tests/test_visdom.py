@@ -19,6 +19,8 @@ from visdom import Visdom
 from conftest import QUICK, ROOT, make_dataset, run_script
 from report import sample_grid
 
+pytestmark = pytest.mark.slow  # every test here trains or starts servers for seconds
+
 LOSS_WINDOWS = ["loss_G", "loss_G_identity", "loss_G_GAN", "loss_G_cycle", "loss_D", "loss_D_A", "loss_D_B", "lr"]
 SAMPLE_NAMES = ["real_A", "fake_B", "rec_A", "real_B", "fake_A", "rec_B"]  # the grid's order, row by row
 
