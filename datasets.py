@@ -414,12 +414,16 @@ def make_demo(root, size=40, n_train=300, n_test=20, seed=0, objects=False):
         ("test/A", False, n_test),
         ("test/B", True, n_test),
     ]
-    for sub in ["test/truth_B"] + ["test/mask_A"] * objects + [sub for sub, _, _ in jobs]:
+    folders = ["test/truth_B", *(sub for sub, _, _ in jobs)]
+    if objects:
+        folders.append("test/mask_A")
+    for sub in folders:
         (root / sub).mkdir(parents=True, exist_ok=True)
     for sub, winter, n in jobs:
         for k in range(n):
             scene = rng.integers(2**32)
-            for folder, season in [(sub, winter)] + [("test/truth_B", True)] * (sub == "test/A"):  # the ground truth
+            renders = [(sub, winter), ("test/truth_B", True)] if sub == "test/A" else [(sub, winter)]  # the truth
+            for folder, season in renders:
                 picture = render_scene(np.random.default_rng(scene), size, season, objects)
                 picture, house = picture if objects else (picture, None)
                 Image.fromarray(picture).save(root / folder / f"{k:04d}.png")

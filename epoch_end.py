@@ -30,8 +30,11 @@ def sample_sheet(G_A2B, G_B2A, samples, device, memory_format, autocast):
         real = torch.stack(samples[domain]).to(device, memory_format=memory_format)
         with autocast:
             fake, attention = attend(G, real)
-            results = [real, fake, G_back(fake)] + [G_back(real)] * (real.shape[1] == fake.shape[1])
-            results += [] if attention is None else [attention * 2 - 1]  # [0, 1] shown black to white
+            results = [real, fake, G_back(fake)]
+            if real.shape[1] == fake.shape[1]:
+                results.append(G_back(real))  # identity
+            if attention is not None:
+                results.append(attention * 2 - 1)  # [0, 1] shown black to white
         rows += [[tensor2image(r[i]) for r in results] for i in range(len(real))]
         labels += [f"{domain}{i + 1}" for i in range(len(real))]
     return labelled_grid(rows, labels, ["real", "translated", "reconstructed", "identity", "attention"][: len(rows[0])])

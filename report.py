@@ -309,7 +309,10 @@ class VisdomPlotter:
             )
             self.sent_sheet = sheet
         if len(metrics) > self.sent_metrics:
-            for name, scale in (("fid", 1), ("kid", 100)):  # KID x 100, as figures.py and papers' tables show it
+            for name, scale, title in (
+                ("fid", 1, "FID"),
+                ("kid", 100, "KID ×100"),
+            ):  # as figures.py and papers show KID
                 Y = scale * np.array([[r[f"{name}_A2B"], r[f"{name}_B2A"]] for r in metrics])
                 self.vis.line(
                     X=np.array([[r["epoch"]] * 2 for r in metrics]),
@@ -317,7 +320,7 @@ class VisdomPlotter:
                     win=name,
                     env=self.env,
                     opts=dict(
-                        title=name.upper() + " ×100" * (scale == 100),
+                        title=title,
                         xlabel="epoch",
                         legend=["A2B", "B2A"],
                         markers=True,
