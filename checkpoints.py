@@ -1,6 +1,7 @@
 """What a run keeps on disk: weights and checkpoints written atomically, read and checked, the flags a resumed run
 takes from its checkpoint, and the output folder's lock."""
 
+import argparse
 import errno
 import os
 import pickle
@@ -31,9 +32,8 @@ def load_weights(path):
     except FileNotFoundError:
         raise
     except pickle.UnpicklingError as e:  # torch's message is a page of advice; the line that matters is in it
-        refused = re.search(
-            r"GLOBAL ([\w.]+)", str(e)
-        )  # "Unsupported global: GLOBAL x.y" or "... GLOBAL x.y whose ..."
+        # "Unsupported global: GLOBAL x.y" or "... GLOBAL x.y whose ..."
+        refused = re.search(r"GLOBAL ([\w.]+)", str(e))
         if not refused:  # no pickle of ours at all: text, an image, a truncated file
             why = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
             raise ValueError(
@@ -91,9 +91,9 @@ def load_optimizer(optimizer, state):
         s.update({k: torch.empty_like(p).copy_(v) for k, v in s.items() if torch.is_tensor(v) and v.shape == p.shape})
 
 
-# On --resume: flags left at their default take the run's saved value, except LOCAL_FLAGS: where to run, and where
-# data goes, come from this command line alone, never from a checkpoint file (which may be someone else's). RUN_FLAGS
-# may be given a new value; any other flag given with a new value is refused.
+# On --resume: flags not typed on the command line take the run's saved value, except LOCAL_FLAGS: where to run, and
+# where data goes, come from this command line alone, never from a checkpoint file (which may be someone else's).
+# RUN_FLAGS may be typed with a new value; any other flag typed with a value other than the run's is refused.
 LOCAL_FLAGS = {
     "device",
     "cuda",
@@ -132,9 +132,19 @@ def resume_path(args):
     return Path(args.output_dir) / "checkpoint.pth" if args.resume in (None, "latest") else Path(args.resume)
 
 
-def load_checkpoint(args, parser, types):
-    """The checkpoint to resume from (or None), with args merged: the run's flags unless given anew here. parser: the
-    script's; types: what a checkpoint must hold (key -> type)."""
+def typed_flags(parser, argv=None):
+    """The flags (their dests) that a command line gives, whatever their values: a parse with every default removed.
+    parser: a fresh one (its defaults are changed)."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def load_checkpoint(args, typed, parser, types):
+    """The checkpoint to resume from (or None), with args merged: a flag typed on this command line (typed: their
+    dests) keeps its value where a resume may change it (RUN_FLAGS, LOCAL_FLAGS) and is refused, by name, where it
+    differs from the run's; every other flag takes the run's saved value. parser: the script's; types: what a
+    checkpoint must hold (key -> type)."""
     path = resume_path(args)
     if args.resume is None:
         for existing in (path, path.with_name("netG_A2B.pth")):
@@ -156,9 +166,7 @@ def load_checkpoint(args, parser, types):
     if wrong:
         raise UserError(f"{path} is not a checkpoint of train.py: {wrong}")
     saved = ckpt["args"]
-    defaults = vars(parser.parse_args([]))
-    given = {k for k, v in vars(args).items() if v != defaults[k]}
-    changed = {k for k in given - RUN_FLAGS - LOCAL_FLAGS if k in saved and getattr(args, k) != saved[k]}
+    changed = {k for k in typed - RUN_FLAGS - LOCAL_FLAGS if k in saved and getattr(args, k) != saved[k]}
     if changed:
         kind = "architecture" if changed & ARCH_FLAGS else "training"
         raise UserError(
@@ -166,9 +174,51 @@ def load_checkpoint(args, parser, types):
             + ", ".join(f"--{k} {saved[k]} (given {getattr(args, k)})" for k in sorted(changed))
             + "; drop them to resume, or start a new run in another --output_dir"
         )
-    for k in saved.keys() & defaults.keys() - given - LOCAL_FLAGS:
+    for k in saved.keys() & vars(args).keys() - typed - LOCAL_FLAGS:
         setattr(args, k, saved[k])
+    check_device(ckpt, args, path)
     return ckpt
+
+
+def choose_output_dir(args, typed):
+    """Where a run writes. --resume PATH continues in PATH's own folder, unless --output_dir is typed: then it
+    branches there, into a folder that holds no other run (refused in one line otherwise, before anything is
+    written)."""
+    if args.resume in (None, "latest"):
+        return
+    path = Path(args.resume)
+    if "output_dir" not in typed:
+        args.output_dir = str(path.parent)
+    other = another_run(Path(args.output_dir), path)
+    if other is not None:
+        raise UserError(
+            f"--output_dir {args.output_dir} holds another run ({other.name}): resume {path} in its own folder "
+            f"(drop --output_dir), or branch it into an empty or new --output_dir"
+        )
+
+
+def another_run(out, path):
+    """A file of OUTPUT_DIR that belongs to a run other than checkpoint `path`'s (its checkpoint, or the seed's
+    net*.pth), or None: a resume continues in PATH's own folder, or branches into one that holds no run."""
+    if not out.is_dir() or out.resolve() == path.parent.resolve():
+        return None
+    found = [out / "checkpoint.pth", *sorted(out.glob("net*.pth"))]
+    return next((f for f in found if f.exists()), None)
+
+
+def check_device(ckpt, args, path):
+    """A run trained on a GPU, resumed with no --device or --cuda: refused where that kind of GPU is here (the user
+    forgot the flag), one line and the CPU where it is not. A checkpoint never chooses the device itself."""
+    saved = ckpt.get("device", "cpu")
+    if saved == "cpu" or args.device or args.cuda:
+        return
+    here = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}.get(saved, False)
+    if here:
+        raise UserError(
+            f"{path} was trained on {saved}: pass --device {saved} to continue there, or --device cpu to continue "
+            f"on the CPU"
+        )
+    print(f"{path} was trained on {saved}, which this machine does not have: continuing on the CPU", file=sys.stderr)
 
 
 def checkpoint_problem(ckpt, types, parser):

@@ -40,6 +40,15 @@ def sample_sheet(G_A2B, G_B2A, samples, device, memory_format, autocast):
     return labelled_grid(rows, labels, ["real", "translated", "reconstructed", "identity", "attention"][: len(rows[0])])
 
 
+def free_name(path):
+    """path, or path with -2, -3, ... before its suffix: the first name no file has."""
+    k, found = 1, path
+    while found.exists():
+        k += 1
+        found = path.with_name(f"{path.stem}-{k}{path.suffix}")
+    return found
+
+
 class EpochEnd:
     """Rank 0's files of an epoch end, made by the steps of STEPS in that order. Each is a function of the epoch's
     weights (which the checkpoint, written just before, holds) and of files already on disk, and writes only what is
@@ -48,7 +57,9 @@ class EpochEnd:
 
     STEPS = ("generators", "sheet", "evaluation", "best", "figures")
 
-    def __init__(self, args, resumed_epoch=None, device=torch.device("cpu")):
+    def __init__(self, args, resumed_epoch=None, device=torch.device("cpu"), reruns_end=False):
+        """resumed_epoch: the epochs a resumed run had done (None: a new run); reruns_end: it stopped at that epoch's
+        end, which it now finishes."""
         self.args, self.out = args, Path(args.output_dir)
         self.samples = {
             d: test_images(args.dataroot, d, nc, args.n_samples, args.size)[0]
@@ -73,8 +84,10 @@ class EpochEnd:
                 raise UserError(e) from None
         self.background = None if args.no_figures else Background()
         self.sheet_shown = None
+        if resumed_epoch is not None:
+            self.stale_sheets(resumed_epoch)
         if self.tracker:
-            self.stale_best(resumed_epoch)
+            self.stale_best(resumed_epoch if reruns_end else None)
 
     def __call__(self, run, logger):
         """The files of the epoch run has just finished (run.epoch epochs done)."""
@@ -149,26 +162,36 @@ class EpochEnd:
         if self.background:
             self.background.submit(self.out, self.args.decay_epoch)
 
-    def stale_best(self, resumed_epoch):
+    def stale_sheets(self, resumed_epoch):
+        """At a resume: the sample sheets of later epochs than the checkpoint's show weights this run trains again
+        (on a GPU, not bit for bit): removed, and drawn anew as it reaches them, as their CSV rows are."""
+        for path in sorted((self.out / "samples").glob("epoch_*.png")):
+            number = path.stem.removeprefix("epoch_")
+            if number.isdigit() and int(number) > resumed_epoch:
+                path.unlink(missing_ok=True)
+
+    def stale_best(self, rerun_epoch):
         """At a resume: best_netG_*.pth of an epoch whose row is gone (dropped, to be trained again) are moved aside
-        as best_netG_*.epochNNN.pth, never deleted; the lowest row's generators, if not kept, are said to be gone."""
+        as best_netG_*.epochNNN.pth (a free name), never deleted; the lowest row's generators, if not kept and not
+        kept by the rerun of its epoch's end (rerun_epoch), are said to be gone."""
         kept, rows = kept_epoch(self.out), self.tracker.rows
         if kept is not None and all(r["epoch"] != kept for r in rows):
+            moved = []
             for name in ("G_A2B", "G_B2A", ".json"):
                 path = self.out / (BEST if name == ".json" else f"best_net{name}.pth")
                 if path.exists():
-                    path.rename(path.with_name(f"{path.stem}.epoch{kept:03d}{path.suffix}"))
+                    moved.append(free_name(path.with_name(f"{path.stem}.epoch{kept:03d}{path.suffix}")))
+                    path.rename(moved[-1])
+            names = ", ".join(path.name for path in moved)
             print(
-                f"best_netG_*.pth of epoch {kept}, which this run trains again, moved aside as "
-                f"best_netG_*.epoch{kept:03d}.pth",
-                file=sys.stderr,
+                f"best_netG_*.pth of epoch {kept}, which this run trains again, moved aside as {names}", file=sys.stderr
             )
         row = best_row(rows)
         if (
             self.args.keep_best
             and row is not None
             and kept_epoch(self.out) != row["epoch"]
-            and row["epoch"] != resumed_epoch
+            and row["epoch"] != rerun_epoch
         ):
             print(
                 f"--keep_best: the lowest FID so far is epoch {row['epoch']:g}'s, whose generators were not kept; "
@@ -176,8 +199,8 @@ class EpochEnd:
                 file=sys.stderr,
             )
 
-    def close(self):
-        """Draw the figures once more (a stopped run's too) and wait for them."""
+    def close(self, timeout=60):
+        """Draw the figures once more (a stopped run's too) and wait for them, `timeout` seconds at most."""
         if self.background:
             self.background.submit(self.out, self.args.decay_epoch)
-            self.background.close()
+            self.background.close(timeout)

@@ -74,16 +74,23 @@ def export(G, input_nc, device):
     return program.model_proto
 
 
-def largest_difference(G, model_bytes, input_nc, device):
-    """The largest difference between onnxruntime's outputs and PyTorch's (test.py's translate) over CHECK_SHAPES."""
+def largest_difference(G, model_bytes, input_nc, device, out):
+    """The largest difference between onnxruntime's outputs and PyTorch's (test.py's translate) over CHECK_SHAPES;
+    onnxruntime failing to load or run the file is a UserError (out: the file then not written)."""
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(0)
+    inputs = [torch.rand(b, input_nc, h, w, generator=generator) * 2 - 1 for b, h, w in CHECK_SHAPES]
+    try:  # its errors (Fail, InvalidGraph, RuntimeException, ...) share no base class short of Exception
+        session = onnxruntime.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+        outputs = [torch.from_numpy(session.run(None, {"image": x.numpy()})[0]) for x in inputs]
+    except Exception as e:
+        raise UserError(
+            f"onnxruntime could not run the exported file ({type(e).__name__}: {first_line(e)[:300]}): "
+            f"{shown(out)} was not written"
+        ) from None
     worst = 0.0
-    for b, h, w in CHECK_SHAPES:
-        x = torch.rand(b, input_nc, h, w, generator=generator) * 2 - 1
-        got = torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
+    for x, got in zip(inputs, outputs):
         want = translate(G, x.to(device)).cpu()
         if got.shape != want.shape:
             return float("inf")
@@ -117,7 +124,7 @@ def main(args):
         ) from None
     onnx.helper.set_model_props(model, metadata(G, args))
     model_bytes = model.SerializeToString()
-    worst = largest_difference(G, model_bytes, args.input_nc, device)
+    worst = largest_difference(G, model_bytes, args.input_nc, device, out)
     sizes = ", ".join(f"{b}x{h}x{w}" for b, h, w in CHECK_SHAPES)
     if not worst <= TOLERANCE:
         raise UserError(

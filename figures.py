@@ -10,6 +10,7 @@ Exit codes: 0 drawn, 1 an error of the caller (no such folder, no losses.csv), 2
 """
 
 import argparse
+import contextlib
 import gc
 import hashlib
 import html
@@ -20,12 +21,18 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
 
-from files import read_rows, shown, write_atomic
+from files import read_rows, remove_leftovers, shown, write_atomic
+
+try:
+    import fcntl  # two redraws of one folder take turns (POSIX; elsewhere not enforced)
+except ImportError:
+    fcntl = None
 
 # No torch here (a redraw would spend seconds importing it), and matplotlib is imported where it is used: train.py
 # imports this module for Background, and the command answers a wrong folder at once.
@@ -210,7 +217,31 @@ def drawing_keys(data):
 
 def draw_plots(plots, data):
     """plots/NAME.svg for each curve and plots/overview.png with all of them as small panels, each drawn only if
-    what it shows changed since it was drawn (plots/.drawn.json keeps the keys); the paths drawn."""
+    what it shows changed since it was drawn (plots/.drawn.json keeps the keys, written after the files); the paths
+    drawn. Two redraws of one run (the background one, one typed by hand) take turns: the manifest always describes
+    the files beside it."""
+    plots.mkdir(exist_ok=True)
+    remove_leftovers(plots)
+    with locked(plots):
+        return draw_missing(plots, data)
+
+
+@contextlib.contextmanager
+def locked(folder):
+    """An exclusive lock on the folder itself, held while the block runs (POSIX; elsewhere no lock)."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # and the lock with it
+
+
+def draw_missing(plots, data):
+    """draw_plots' work, under its lock."""
     keys, manifest = drawing_keys(data), plots / ".drawn.json"
     try:
         drawn = json.loads(manifest.read_text())
@@ -222,7 +253,6 @@ def draw_plots(plots, data):
     import matplotlib
     from matplotlib.figure import Figure  # no pyplot: no global figure list, no display backend, Agg for the PNG
 
-    plots.mkdir(exist_ok=True)
     manifest.unlink(missing_ok=True)  # a redraw stopped halfway leaves no key for a file it did not finish
     written, curves = [], data["curves"]
     with matplotlib.rc_context(RC):
@@ -411,22 +441,23 @@ class Background:
         self._start(output_dir, decay_epoch)
 
     def close(self, timeout=60):
-        """The last redraw, waited for within `timeout` seconds: a running one that a pending one would replace is
-        stopped (it writes every file atomically), so the caller waits for one redraw at most; one that draws the
-        curves as they are is waited for, and the page drawn after it (its plots are not drawn again). One still
-        running at the timeout is left to finish on its own."""
+        """The last redraw, waited for within `timeout` seconds in all: a running one that a pending one would
+        replace is stopped (it writes every file atomically), so the caller waits for one redraw at most; one that
+        draws the curves as they are is waited for, and the page drawn after it (its plots are not drawn again). One
+        still running at the timeout is left to finish on its own."""
+        deadline = time.monotonic() + timeout
         (output_dir, decay_epoch), self.pending = self.pending or (None, None), None
         if output_dir is not None and (inputs := (decay_epoch, run_files(output_dir))) != self.drawn:
             if self.proc is not None and self.proc.poll() is None and curve_inputs(inputs) != curve_inputs(self.drawn):
                 os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: the whole redraw
-            if self._wait(timeout):
+            if self._wait(deadline):
                 self._start(output_dir, decay_epoch)
-        self._wait(timeout)
+        self._wait(deadline)
 
-    def _wait(self, timeout):
-        """Whether no redraw runs, after waiting up to `timeout` seconds for one."""
+    def _wait(self, deadline):
+        """Whether no redraw runs, after waiting for one until `deadline` (time.monotonic())."""
         try:
-            return self.proc is None or self.proc.wait(timeout) is not None
+            return self.proc is None or self.proc.wait(max(0.0, deadline - time.monotonic())) is not None
         except subprocess.TimeoutExpired:
             return False
 
@@ -485,7 +516,7 @@ def get_parser():
         type=float,
         default=None,
         help="train.py's --decay_epoch N: the lr falls from N + 1 epochs done on, marked there "
-        "(default: from OUTPUT_DIR/checkpoint.pth)",
+        "(default: where the logged lr in losses.csv first falls)",
     )
     p.add_argument("--quiet", action="store_true", help="no line when all went well (the background redraw)")
     return p

@@ -4,6 +4,8 @@ figures.py redraws with this alone."""
 import csv
 import math
 import os
+import re
+import secrets
 from pathlib import Path
 
 
@@ -24,12 +26,38 @@ def open_new(path, mode="wb", **kwargs):
     return os.fdopen(fd, mode, **kwargs)
 
 
+def temporary_name(path):
+    """A name beside path that no other writer picks: .NAME.PID.RANDOM.tmp (remove_leftovers knows its pid)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def remove_leftovers(folder):
+    """Remove the temporary files in folder of writers that died mid-write (killed: their pid is gone); those of
+    live writers stay."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        found = re.fullmatch(r"\..+\.(\d+)\.[0-9a-f]{8}\.tmp", tmp.name)
+        if found and not alive(int(found[1])):
+            tmp.unlink(missing_ok=True)
+
+
+def alive(pid):
+    """Whether a process of this pid runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 def write_atomic(path, write, mode="wb", durable=False, **kwargs):
-    """write(file) on PATH.tmp (opened by open_new), then os.replace: a reader sees the old file or the new one, never
-    half of one, and a crash or a full disk mid-write leaves the old file whole. durable: fsync the file and the rename
-    (checkpoints). One writer per path: train.py's lock sees to that for a run's folder. Returns path."""
+    """write(file) on a temporary file of its own beside path (opened by open_new), then os.replace: a reader sees
+    the old file or the new one, never half of one; a crash or a full disk mid-write leaves the old file whole; two
+    writers of one path each publish a whole file, the last one wins. durable: fsync the file and the rename
+    (checkpoints). Returns path."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_name(path)
     try:
         with open_new(tmp, mode, **kwargs) as f:
             write(f)
@@ -48,6 +76,17 @@ def write_atomic(path, write, mode="wb", durable=False, **kwargs):
         except OSError:
             pass
     return path
+
+
+def copy_histories(src, dst):
+    """losses.csv and metrics.csv of the run in folder src, copied whole into folder dst where it has none: a run
+    branched into a new folder keeps its curves (the resume then drops the rows after its checkpoint)."""
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        return
+    for name in ("losses.csv", "metrics.csv"):
+        if (src / name).is_file() and not (dst / name).exists():
+            write_atomic(dst / name, lambda f, name=name: f.write((src / name).read_bytes()))
 
 
 def write_png(picture, path):

@@ -196,7 +196,8 @@ class Masks:
                     f"{mask.size[0]}x{mask.size[1]} to {w}x{h})",
                     file=sys.stderr,
                 )
-            self.resized, mask = True, mask.resize((w, h), Image.BILINEAR)
+            # BOX: area average down (exact at whole factors), nearest up: black stays black, no bilinear grey edge
+            self.resized, mask = True, mask.resize((w, h), Image.BOX)
         m = torch.from_numpy(np.array(mask))[None]  # (1, H, W) uint8
         weight = m.double() / 255  # exactly 0 and 1 at black and white: the blend is then real or fake exactly
         blend = (weight * fake.double() + (1 - weight) * real.double()).round().to(torch.uint8)

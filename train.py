@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoints import (
+    choose_output_dir,
     cpu_state,
     load_checkpoint,
     load_optimizer,
@@ -30,10 +31,12 @@ from checkpoints import (
     resume_command,
     resume_path,
     try_save,
+    typed_flags,
 )
 from cuda_graph import CudaGraphStep
 from datasets import ImageDataset, skipped_summary, train_loader
 from epoch_end import EpochEnd
+from files import copy_histories, remove_leftovers
 from models import (
     DiscriminatorLoss,
     GeneratorLoss,
@@ -76,6 +79,7 @@ CHECKPOINT_TYPES = {
     "step": int,
     "seconds": (int, float),
 }
+STOPPED_WAIT = 5  # seconds a stopped run waits for its last redraw, which then finishes on its own
 MAX_SIZE = 2048  # --size: 8x the paper's 256 px crops, already ~64x its memory
 
 
@@ -144,6 +148,7 @@ def add_compute_flags(g):
         action="store_true",
         help="deterministic GPU kernels: a --seed run, and its resumption, repeat bit for bit (slower)",
     )
+    g.add_argument("--no_deterministic", dest="deterministic", action="store_false", help="on a resume: turn it off")
     g.add_argument("--eager", action="store_true", help="on CUDA, run the step op by op instead of as one CUDA graph")
 
 
@@ -155,7 +160,7 @@ def add_output_flags(g):
         nargs="?",
         const="latest",
         metavar="PATH",
-        help="continue from OUTPUT_DIR/checkpoint.pth, or from PATH",
+        help="continue OUTPUT_DIR/checkpoint.pth, or PATH in its own folder (with --output_dir D: a copy in D)",
     )
     g.add_argument(
         "--save_freq", type=int, default=1000, help="also checkpoint every this many steps (0: epoch ends only)"
@@ -165,6 +170,7 @@ def add_output_flags(g):
     g.add_argument("--display_env", type=str, help="visdom environment (default: DATASET_OUTPUTDIR)")
     g.add_argument("--display_freq", type=int, default=100, help="steps between loss rows, progress lines and plots")
     g.add_argument("--no_visdom", action="store_true", help="do not plot to visdom (losses.csv is still written)")
+    g.add_argument("--visdom", dest="no_visdom", action="store_false", help="on a resume: plot to visdom again")
     g.add_argument("--n_samples", type=int, default=4, help="test images per domain drawn at each epoch end (samples/)")
     g.add_argument(
         "--eval_freq",
@@ -177,12 +183,14 @@ def add_output_flags(g):
         action="store_true",
         help="with --eval_freq: also keep the generators of the epoch of lowest FID (A2B + B2A) as best_netG_*.pth",
     )
+    g.add_argument("--no_keep_best", dest="keep_best", action="store_false", help="on a resume: stop keeping them")
     g.add_argument("--fid_weights", type=str, metavar="PATH", help="a local Inception weights file")
     g.add_argument(
         "--no_figures",
         action="store_true",
         help="do not redraw plots/ and training.html at epoch ends (python figures.py OUTPUT_DIR draws them any time)",
     )
+    g.add_argument("--figures", dest="no_figures", action="store_false", help="on a resume: redraw them again")
 
 
 def check_args(args, resuming=False):
@@ -385,6 +393,7 @@ def checkpoint(run, args, ranks):
         "position": [run.epoch, run.sample],
         "epoch": run.epoch + run.sample / run.epoch_size,
         "world_size": len(ranks),
+        "device": run.device.type,  # a resume without --device on a machine with this kind of GPU is refused
         "seconds": run.seconds,
         "args": vars(args),
     }
@@ -446,10 +455,12 @@ def make_step(run, args, ddp=False):
     )
 
 
-def main(args):
-    """A run, top to bottom: set up, build, restore if resuming, train epoch by epoch, finish."""
+def main(args, typed=frozenset()):
+    """A run, top to bottom: set up, build, restore if resuming, train epoch by epoch, finish. typed: the flags the
+    command line gave (checkpoints.typed_flags), which a resume honours or refuses; none: resume as saved."""
     device = chosen_device(args)  # before anything is written
-    _, lock, ckpt = open_output(args, is_main=int(os.environ.get("RANK", 0)) == 0)  # lock: held until exit
+    is_main = int(os.environ.get("RANK", 0)) == 0
+    _, lock, ckpt = open_output(args, typed, is_main)  # lock: held until exit
     world = setup_processes(args, device)
     log = print if world.is_main else (lambda *a, **k: None)
 
@@ -457,12 +468,8 @@ def main(args):
     dataset = open_dataset(args, log)
     run = build(args, world.device, world.rank, epoch_size=len(dataset))
     if args.amp and run.dtype is None:
-        why = (
-            "not on MPS"
-            if run.device.type == "mps"
-            else "no bfloat16 units on this CPU (AVX512-BF16 or AMX; emulated, 3x slower)"
-        )
-        log(f"--amp: {why}: training runs in float32")
+        cpu = "no bfloat16 units on this CPU (AVX512-BF16 or AMX; emulated, 3x slower)"
+        log(f"--amp: {'not on MPS' if run.device.type == 'mps' else cpu}: training runs in float32")
     try:
         saved_ranks = restore(run, ckpt, args, world.rank, world.size) if ckpt is not None else None
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:  # a damaged or foreign file
@@ -470,6 +477,8 @@ def main(args):
             f"{resume_path(args)} does not fit these networks ({type(e).__name__}: "
             f"{first_line(e)[:200]}): is it a checkpoint of train.py?"
         ) from None
+    if ckpt is not None and run.sample >= run.epoch_size:
+        log(end_of_epoch_past_the_data(run))
     done = run.epoch >= args.n_epochs  # resumed once more: the last epoch end is finished, nothing is trained
     if not done:
         log(start_line(run, ckpt, args, world, saved_ranks))
@@ -484,10 +493,9 @@ def main(args):
     loader = train_loader(dataset, args.batchSize, args.n_cpu, features.pin_memory, args.seed, world.rank, world.size)
     logger = run_logger(args, world, LOSS_NAMES, steps_per_epoch(run, args, world.size) * args.n_epochs, run)
     stopper = Stopper(world.control, world.rank)  # Ctrl-C / SIGTERM: finish the step, save, exit
-    epoch_end = EpochEnd(args, ckpt and run.epoch, world.device) if world.is_main else None
-    if (
-        epoch_end and ckpt and run.epoch > 0 and run.sample == 0
-    ):  # resumed at an epoch end: finish what a kill cut short
+    at_epoch_end = ckpt is not None and run.epoch > 0 and run.sample == 0
+    epoch_end = EpochEnd(args, ckpt and run.epoch, world.device, at_epoch_end) if world.is_main else None
+    if epoch_end and at_epoch_end:  # resumed at an epoch end: finish what a kill cut short
         epoch_end(run, logger)
 
     # ---- The epochs: each ends with a checkpoint, then (rank 0) generators, samples, FID/KID, figures ----
@@ -499,20 +507,28 @@ def main(args):
         if world.is_main:
             epoch_end(run, logger)
     logger.close()
-    if epoch_end:
-        epoch_end.close()  # the figures of a stopped run too
-    finish(run, args, world, stopped, saved, done)
+    try:  # the last word first: a scheduler that sent SIGTERM gives a stopped run a short grace period
+        finish(run, args, world, stopped, saved, done)
+    finally:
+        if epoch_end:
+            epoch_end.close(STOPPED_WAIT if stopped else 60)  # the figures of a stopped run too
     return 0
 
 
-def open_output(args, is_main):
-    """OUTPUT_DIR made and locked (rank 0); the checkpoint to resume from, or None, its flags merged into args."""
+def open_output(args, typed, is_main):
+    """OUTPUT_DIR chosen, made and locked (rank 0); the checkpoint to resume from, or None, its flags merged into
+    args (typed: the flags the command line gave). A run branched from another folder starts with its histories."""
+    choose_output_dir(args, typed)
     out = Path(args.output_dir)
     lock = lock_output_dir(out) if is_main and out.is_dir() else None
-    ckpt = load_checkpoint(args, get_parser(), CHECKPOINT_TYPES)
-    check_args(args, resuming=ckpt is not None)  # after the merge: a resumed run's flags with what was given anew
+    ckpt = load_checkpoint(args, typed, get_parser(), CHECKPOINT_TYPES)
+    check_args(args, resuming=ckpt is not None)  # after the merge: a resumed run's flags with what was typed anew
     try:
         out.mkdir(parents=True, exist_ok=True)
+        for folder in (out, out / "samples"):  # plots/: figures.py's own
+            remove_leftovers(folder)
+        if is_main and ckpt is not None:
+            copy_histories(resume_path(args).parent, out)
     except OSError as e:
         raise UserError(cannot_write(out, e)) from None
     return out, lock or (lock_output_dir(out) if is_main else None), ckpt
@@ -546,6 +562,19 @@ def start_line(run, ckpt, args, world, saved_ranks):
             f"the run had {saved_ranks} process(es), this one has {world.size}: ranks beyond the run's start with "
             f"empty replay buffers, and each epoch now takes {steps_per_epoch(run, args, world.size)} steps\n{line}"
         )
+    return line
+
+
+def end_of_epoch_past_the_data(run):
+    """A resume on a smaller --dataroot whose saved position is past the data's end: that epoch is over (an epoch of
+    no steps would never end), its lr schedule steps as at an epoch end, and the next epoch starts. The line to say."""
+    line = (
+        f"the checkpoint stopped at sample {run.sample} of epoch {run.epoch + 1}, past this --dataroot's "
+        f"{run.epoch_size}: epoch {run.epoch + 1} ends here"
+    )
+    run.epoch, run.sample = run.epoch + 1, 0
+    run.lr_scheduler_G.step()
+    run.lr_scheduler_D.step()
     return line
 
 
@@ -625,7 +654,7 @@ def finish(run, args, world, stopped, saved, done=False):
 
 if __name__ == "__main__":
     try:
-        code = main(get_parser().parse_args())
+        code = main(get_parser().parse_args(), typed_flags(get_parser()))
     except UserError as e:
         code = f"error: {e}"
     except torch.cuda.OutOfMemoryError:

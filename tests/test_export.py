@@ -73,7 +73,7 @@ def test_each_kind_of_generator_file_exports_to_test_pys_pixels(kind, images, tm
         )
         == 0
     )
-    assert "largest difference" in capsys.readouterr().out and not (tmp_path / "G.onnx.tmp").exists()
+    assert "largest difference" in capsys.readouterr().out and not list(tmp_path.glob("*.tmp"))
     props = {p.key: p.value for p in onnx.load(tmp_path / "G.onnx").metadata_props}
     assert "[-1, 1]" in props["input"] and "height and width" in props["input"] and props["generator"] == "G.pth"
     G = models.load_generator(tmp_path / "G.pth")
@@ -157,3 +157,20 @@ def test_what_a_user_gets_wrong_is_one_line_and_a_failed_check_leaves_no_file(tm
             )
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["G.pth", "notes.pth"]
+
+
+@pytest.mark.slow
+def test_an_onnxruntime_failure_is_one_line_and_leaves_no_file(tmp_path, monkeypatch):
+    torch.save(models.Generator(3, 3, 1).state_dict(), tmp_path / "G.pth")
+
+    def failing(*args, **kwargs):
+        raise onnxruntime.capi.onnxruntime_pybind11_state.Fail("[ONNXRuntimeError] : 1 : FAIL : no kernel\nmore")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", failing)
+    argv = ["--generator", str(tmp_path / "G.pth"), "--output", str(tmp_path / "G.onnx")]
+    with pytest.raises(
+        export.UserError,
+        match=r"^onnxruntime could not run the exported file \(Fail: .*FAIL : no kernel\): .*G.onnx was not written$",
+    ):
+        export.main(export.get_parser().parse_args(argv))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["G.pth"]

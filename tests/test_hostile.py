@@ -245,7 +245,8 @@ def test_links_planted_in_the_output_folder_are_never_written_through(tmp_path):
     data = make_dataset(tmp_path / "data", n_A=3, n_B=2)
     out, victims = tmp_path / "run", []
     out.mkdir()
-    for name in (".lock", "checkpoint.pth.tmp", "losses.csv.tmp", "netG_A2B.pth.tmp"):
+    # the lock, and leftovers of killed writers (pid 1 stays alive: kept, never written through)
+    for name in (".lock", ".checkpoint.pth.1.0123abcd.tmp", ".losses.csv.1.0123abcd.tmp", ".netG_A2B.pth.99.f.tmp"):
         victim = tmp_path / f"victim{len(victims)}"
         victim.write_text("keep")
         (out / name).symlink_to(victim)

@@ -1,11 +1,15 @@
 """test.py --mask_dir: exact outside the masks, equal to the unmasked output inside them, blended between; masks of
 another size, missing and unreadable ones cost one line; both layouts; the page shows the mask."""
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from conftest import make_dataset, run_script
+from conftest import ROOT, make_dataset, run_script
 from test_metrics import small_generators as generators
 
 
@@ -93,3 +97,16 @@ def test_masks_with_an_input_folder_and_their_mistakes(tmp_path):
             *extra,
         )
         assert r.returncode != 0 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_mask_at_twice_its_images_size_stays_hard(tmp_path):
+    """Area averaging, not bilinear: a hard mask at a whole multiple of its image's size comes back hard, in place."""
+    spec = importlib.util.spec_from_file_location("cyclegan_test_script", ROOT / "test.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    small = np.zeros((16, 20), np.uint8)
+    small[:, 7:] = 255  # the boundary at an odd column: bilinear's samples straddle it
+    Image.fromarray(small).resize((40, 32), Image.NEAREST).save(tmp_path / "x.png")
+    real = torch.randint(0, 256, (3, 16, 20), dtype=torch.uint8)
+    blend, m = script.Masks(tmp_path, 3, 3).apply(Path("x.png"), real, 255 - real)
+    assert np.array_equal(m[0].numpy(), small) and torch.equal(blend[:, :, :7], real[:, :, :7])
