@@ -525,8 +525,9 @@ def open_output(args, typed, is_main):
     check_args(args, resuming=ckpt is not None)  # after the merge: a resumed run's flags with what was typed anew
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for folder in (out, out / "samples"):  # plots/: figures.py's own
-            remove_leftovers(folder)
+        if is_main:
+            for folder in (out, out / "samples"):  # plots/: figures.py's own
+                remove_leftovers(folder)
         if is_main and ckpt is not None:
             copy_histories(resume_path(args).parent, out)
     except OSError as e:
