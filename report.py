@@ -277,18 +277,18 @@ class VisdomPlotter:
         self.sent, self.sent_epochs = len(rows), len(epochs)
         if images and rows:
             grid = sample_grid(images)  # built here, not in the training thread
-            self.vis.image(
+            self._show(
                 grid,
-                win="batch",
-                env=self.env,
-                opts=dict(
-                    title=f"training batch at step {rows[-1]['step']} (epoch {rows[-1]['epoch']:.2f})",
-                    caption="row A: real_A, fake_B = G_A2B(real_A), rec_A = G_B2A(fake_B); row B: the same from B",
-                    width=grid.shape[2] + 20,
-                    height=grid.shape[1] + 60,
-                ),
+                "batch",
+                f"training batch at step {rows[-1]['step']} (epoch {rows[-1]['epoch']:.2f})",
+                "row A: real_A, fake_B = G_A2B(real_A), rec_A = G_B2A(fake_B); row B: the same from B",
             )
         self._update_epoch()
+
+    def _show(self, grid, win, title, caption):
+        """A (3, H, W) picture in its visdom window, with room for the window's margins."""
+        opts = dict(title=title, caption=caption, width=grid.shape[2] + 20, height=grid.shape[1] + 60)
+        self.vis.image(grid, win=win, env=self.env, opts=opts)
 
     def _update_epoch(self):
         """The fixed-sample sheet and the FID/KID curves, when they changed or the server is new."""
@@ -296,17 +296,7 @@ class VisdomPlotter:
             sheet, metrics = self.sheet, self.metrics or []
         if sheet is not None and sheet is not self.sent_sheet:
             epoch, grid = sheet
-            self.vis.image(
-                grid,
-                win="samples",
-                env=self.env,
-                opts=dict(
-                    title=f"test images after epoch {epoch}",
-                    caption="the same images every epoch (samples/)",
-                    width=grid.shape[2] + 20,
-                    height=grid.shape[1] + 60,
-                ),
-            )
+            self._show(grid, "samples", f"test images after epoch {epoch}", "the same images every epoch (samples/)")
             self.sent_sheet = sheet
         if len(metrics) > self.sent_metrics:
             for name, scale, title in (
