@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from files import shown, write_atomic
-from models import AttentionGenerator, load_generator, translate
+from models import AttentionGenerator, load_generator
 from runtime import chosen_device
+from translation import translate
 from utils import UserError, channels_problem, first_line
 
 # (batch, height, width) checked against PyTorch after the export: no side a multiple of 4, one batch of 2.

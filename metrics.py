@@ -39,8 +39,8 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from checkpoints import load_weights
 from datasets import list_images, load_image, test_images
 from files import append_row, keep_rows, shown
-from models import padded_size, translate
 from runtime import BYTES_PER_PIXEL, precision
+from translation import padded_size, translate
 from utils import first_line, to_uint8
 
 INCEPTION = "inception-v3-compat"

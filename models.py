@@ -10,16 +10,45 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
 from checkpoints import load_weights
-from utils import as_image, to_tensor, to_uint8
+
+
+class Stop(Exception):
+    """Raised by an InstanceNorm that collects statistics: the layers after it are not needed."""
+
+
+class InstanceNorm(nn.InstanceNorm2d):
+    """The generator's nn.InstanceNorm2d: the same keys and, by default, the same numbers (its input's own
+    statistics). Its statistics can also come from elsewhere (tiles.py: many tiles or frames, one set):
+    collect, a list: forward appends its input's per-channel (count, sum, sum of squares), in float64, over
+    window = (y0, y1, x0, x1, full_height) (a box in full-resolution px of an input full_height px high; None: all
+    of it), and raises Stop. stats = (mean, var), each (C,) float64: forward normalises with them (biased var, eps
+    as always)."""
+
+    collect = window = stats = None
+
+    def forward(self, x):
+        if self.collect is not None:
+            part = x
+            if self.window is not None:
+                y0, y1, x0, x1, full = self.window
+                s = full // x.shape[-2]  # this layer's scale: 1, 2 or 4
+                part = x[..., y0 // s : y1 // s, x0 // s : x1 // s]
+            part = part.double()
+            self.collect.append((part[:, :1].numel(), part.sum((0, 2, 3)), part.square().sum((0, 2, 3))))
+            raise Stop
+        if self.stats is None:
+            return super().forward(x)
+        mean, var = self.stats
+        y = (x - mean.to(x.dtype)[:, None, None]) * torch.rsqrt(var + self.eps).to(x.dtype)[:, None, None]
+        return y * self.weight[:, None, None] + self.bias[:, None, None] if self.affine else y
 
 
 class ResidualBlock(nn.Module):
     def __init__(self, in_features, affine=False):
         super().__init__()
-        norm = partial(nn.InstanceNorm2d, affine=affine)
+        norm = partial(InstanceNorm, affine=affine)
         self.conv_block = nn.Sequential(
             nn.ReflectionPad2d(1),
             nn.Conv2d(in_features, in_features, 3),
@@ -42,7 +71,7 @@ class Generator(nn.Module):
 
     def __init__(self, input_nc, output_nc, n_residual_blocks=9, affine=False):
         super().__init__()
-        norm = partial(nn.InstanceNorm2d, affine=affine)
+        norm = partial(InstanceNorm, affine=affine)
         layers = [nn.ReflectionPad2d(3), nn.Conv2d(input_nc, 64, 7), norm(64), nn.ReLU(inplace=True)]
         features = 64
         for _ in range(2):  # downsample
@@ -88,7 +117,10 @@ class AttentionGenerator(nn.Module):
 
     def parts(self, x):
         """(content, a): (B, C, H, W) in [-1, 1] and (B, 1, H, W) in [0, 1], before the blend."""
-        y = self.model(x)
+        return self.split(self.model(x))
+
+    def split(self, y):
+        """(content, a) of the network's raw (B, C + 1, H, W) output."""
         return torch.tanh(y[:, :-1]), torch.sigmoid(y[:, -1:] + self.OFFSET)
 
 
@@ -184,33 +216,6 @@ def use_sliced_padding(net):
             if isinstance(child, nn.ReflectionPad2d):
                 setattr(module, name, SlicedReflectionPad2d(child.padding[0]))
     return net
-
-
-def padded_size(h, w):
-    """H and W as translate() pads them: up to a multiple of 4, and at least 8."""
-    return max(8, h + -h % 4), max(8, w + -w % 4)
-
-
-@torch.inference_mode()
-def translate(G, x, attention=False):
-    """G at any size: reflect-pad H and W up to a multiple of 4 (two stride-2 layers), at least 8 (the residual
-    blocks' reflection padding needs 2 px at 1/4 scale), then crop back. attention=True: (G(x), its attention map
-    or None), as attend()."""
-    h, w = x.shape[-2:]
-    pad_h, pad_w = (p - s for p, s in zip(padded_size(h, w), (h, w)))
-    mode = "reflect" if min(h, w) > max(pad_h, pad_w) else "replicate"  # reflect needs pad < size
-    y, a = attend(G, F.pad(x, (0, pad_w, 0, pad_h), mode=mode))
-    y, a = y[..., :h, :w], None if a is None else a[..., :h, :w]
-    return (y, a) if attention else y
-
-
-def translate_image(G, image):
-    """A PIL image (any mode) translated by G, a generator from load_generator, to a PIL image of the same size: the
-    pixels test.py writes on the CPU (decoded as test.py decodes files, translated in float32 on G's device)."""
-    first = next(m for m in G.modules() if isinstance(m, nn.Conv2d))
-    x = to_tensor(as_image(image, first.in_channels))[None].to(first.weight.device)
-    y = to_uint8(translate(G.eval(), x)[0].float().cpu())  # (C, H, W) uint8
-    return Image.fromarray(y[0].numpy() if len(y) == 1 else y.permute(1, 2, 0).numpy())
 
 
 def weights_init_normal(m):

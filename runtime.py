@@ -129,6 +129,10 @@ def precision(device):
 # Peak memory of a 9-block generator's forward per (padded) input pixel: 0.9-1 KB measured in float32 on the CPU
 # at 512-1024 px; used to skip, before decoding, an image that could not be translated in the memory that is free.
 BYTES_PER_PIXEL = 1000
+# The same, translated in tiles (translation.translate_tiled): the residual trunk's tensors at quarter resolution and
+# the image, plus one tile (bench/bench_tiles.py measures it).
+TILED_BYTES_PER_PIXEL = 400
+AUTO_TILE = 512  # px: the tiles of an image that does not fit whole
 
 
 def free_memory(device):

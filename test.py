@@ -31,89 +31,140 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import figures
-from datasets import ImageFolder, domain_dir, fit_size, format_bad, list_images, load_image
+from datasets import ImageFolder, domain_dir, fit_size, format_bad, list_images, load_image, output_names
 from files import shown, write_atomic, write_png
-from models import AttentionGenerator, load_generator, padded_size, translate
-from runtime import BYTES_PER_PIXEL, chosen_device, free_pixels, loader_workers, precision
+from models import AttentionGenerator, load_generator
+from runtime import (
+    AUTO_TILE,
+    BYTES_PER_PIXEL,
+    TILED_BYTES_PER_PIXEL,
+    chosen_device,
+    free_pixels,
+    loader_workers,
+    precision,
+)
+from translation import padded_size, translate
 from utils import UserError, cannot_write, channels_problem, first_line, to_uint8
+from video import is_video, translate_clip
 
 
 def get_parser():
+    """test.py's flags, in the groups that --help shows them in."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batchSize", type=int, default=1, help="images of equal size translated together")
-    p.add_argument("--dataroot", default="datasets/summer2winter_yosemite/", help="root directory of the dataset")
-    p.add_argument("--input_nc", type=int, default=3, help="number of channels of input data")
-    p.add_argument("--output_nc", type=int, default=3, help="number of channels of output data")
-    p.add_argument(
+    add_source_flags(p.add_argument_group("what to translate, with which generators"))
+    add_output_flags(p.add_argument_group("what is written"))
+    add_compute_flags(p.add_argument_group("where and how it computes"))
+    add_metrics_flags(p.add_argument_group("FID and KID"))
+    return p
+
+
+def add_source_flags(g):
+    """Data-root mode (test/A, test/B) or --input files, and the generators."""
+    g.add_argument("--dataroot", default="datasets/summer2winter_yosemite/", help="root directory of the dataset")
+    g.add_argument(
+        "--input",
+        help="translate this image or video (mp4, mov, mkv, webm, avi), or all of a folder, instead of DATAROOT/test",
+    )
+    g.add_argument(
+        "--direction",
+        choices=["AtoB", "BtoA"],
+        help="with --input: the images are domain A (AtoB, the default) or B",
+    )
+    g.add_argument(
+        "--generator",
+        help="with --input: the generator to use (default: the --direction's --generator_A2B/B2A)",
+    )
+    g.add_argument(
+        "--generator_A2B",
+        help="A2B generator checkpoint file (default: OUTPUT_DIR/netG_A2B.pth)",
+    )
+    g.add_argument(
+        "--generator_B2A",
+        help="B2A generator checkpoint file (default: OUTPUT_DIR/netG_B2A.pth)",
+    )
+    g.add_argument("--input_nc", type=int, default=3, help="number of channels of input data")
+    g.add_argument("--output_nc", type=int, default=3, help="number of channels of output data")
+    g.add_argument(
         "--size",
         type=int,
         default=256,
         help="unused: images are translated at their own size (kept for the seed's scripts)",
     )
-    p.add_argument("--device", help="where to translate: cpu, cuda, cuda:N or mps (default: cpu)")
-    p.add_argument("--cuda", action="store_true", help="use GPU computation (the seed's flag: --device cuda)")
-    p.add_argument("--n_cpu", type=int, default=8, help="number of cpu threads to use during batch generation")
-    p.add_argument(
-        "--generator_A2B",
-        help="A2B generator checkpoint file (default: OUTPUT_DIR/netG_A2B.pth)",
-    )
-    p.add_argument(
-        "--generator_B2A",
-        help="B2A generator checkpoint file (default: OUTPUT_DIR/netG_B2A.pth)",
-    )
-    p.add_argument("--output_dir", default="output", help="translations go to OUTPUT_DIR/A and OUTPUT_DIR/B")
-    p.add_argument(
-        "--input",
-        help="translate this image, or every image of this folder, instead of DATAROOT/test",
-    )
-    p.add_argument(
-        "--generator",
-        help="with --input: the generator to use (default: the --direction's --generator_A2B/B2A)",
-    )
-    p.add_argument(
-        "--direction",
-        choices=["AtoB", "BtoA"],
-        help="with --input: the images are domain A (AtoB, the default) or B",
-    )
-    p.add_argument(
+
+
+def add_output_flags(g):
+    """Where results go, how large images are handled, masks, videos."""
+    g.add_argument("--output_dir", default="output", help="translations go to OUTPUT_DIR/A and OUTPUT_DIR/B")
+    g.add_argument(
         "--max_size",
         type=int,
         help="scale images whose longer side is over MAX_SIZE px "
         "down to it (default: translate every image at its "
         "own size, skipping any that would not fit in memory)",
     )
-    p.add_argument(
+    g.add_argument(
+        "--tile",
+        type=int,
+        metavar="N",
+        help="translate each image in tiles of N px: the same result in less memory, for photos larger than memory "
+        "(default: only images that would not fit whole)",
+    )
+    g.add_argument(
         "--mask_dir",
         metavar="DIR",
         help="translate only where a mask says: "
         "DIR/NAME.* per input image (grey: white translates, black keeps, grey blends)",
     )
-    p.add_argument(
+    g.add_argument(
+        "--shared_frames",
+        type=int,
+        default=8,
+        metavar="K",
+        help="videos: the InstanceNorm statistics every frame uses, from K frames spread through the clip",
+    )
+    g.add_argument(
+        "--frame_stats",
+        action="store_true",
+        help="videos: each frame normalised by its own statistics, as frame-by-frame tools do (flickers)",
+    )
+
+
+def add_compute_flags(g):
+    """Device, data loading and batches."""
+    g.add_argument("--device", help="where to translate: cpu, cuda, cuda:N or mps (default: cpu)")
+    g.add_argument("--cuda", action="store_true", help="use GPU computation (the seed's flag: --device cuda)")
+    g.add_argument("--n_cpu", type=int, default=8, help="number of cpu threads to use during batch generation")
+    g.add_argument("--batchSize", type=int, default=1, help="images of equal size translated together")
+
+
+def add_metrics_flags(g):
+    """--metrics and what it compares with."""
+    g.add_argument(
         "--metrics",
         action="store_true",
         help="after translating: FID and KID against the real images "
         "of the target domain, into OUTPUT_DIR/metrics.json",
     )
-    p.add_argument(
+    g.add_argument(
         "--reference",
         metavar="FOLDER",
         help="with --input --metrics: the folder of real images (png/jpg/jpeg) to compare with",
     )
-    p.add_argument(
+    g.add_argument(
         "--fid_weights",
         metavar="PATH",
         help="with --metrics: a local Inception weights file (default: fetched once into torch.hub's cache)",
     )
-    return p
 
 
 def memory_check(pixels, max_size):
-    """too_big for ImageFolder: why an image (width, height) cannot be translated in `pixels` padded pixels."""
+    """too_big for ImageFolder: why an image (width, height) cannot be translated in `pixels` padded pixels, even in
+    tiles (which need TILED_BYTES_PER_PIXEL a pixel, not BYTES_PER_PIXEL)."""
 
     def reason(w, h):
         if max_size:
             w, h = fit_size(w, h, max_size)
-        need = math.prod(padded_size(h, w))
+        need = math.prod(padded_size(h, w)) * TILED_BYTES_PER_PIXEL // BYTES_PER_PIXEL
         if need <= pixels:
             return None
         hint = "a smaller --max_size" if max_size else "--max_size N to scale its longer side down to N px"
@@ -142,6 +193,33 @@ def batches(loader, batch_size, bad, max_pixels):
         group.append((image, i))
     if group:
         yield torch.stack([g[0] for g in group]), [g[1] for g in group]
+
+
+def translate_videos(videos, G, nc, folder, args, device, rows, skipped):
+    """Each clip of --input through G into folder/NAME.ext (video.translate_clip), its first frame beside it as
+    NAME.poster.png; a row per clip appended to rows, a clip that cannot be read to skipped."""
+    for source, name in zip(videos, output_names(videos)):
+        target = folder / f"{name}{source.suffix.lower()}"
+        try:
+            poster = translate_clip(G, source, target, device, nc, args.shared_frames, args.frame_stats)
+            write_png(poster, folder / f"{name}.poster.png")
+        except (ValueError, OSError) as e:
+            print(f"skipped {shown(source)}: {e}", file=sys.stderr)
+            skipped.append((source, str(e)))
+            continue
+        rows.append((shown(source.name), [f"{folder.name}/{target.name}"]))
+        print(f"wrote {shown(target)}")
+
+
+def tile_size(tile, images, pixels, source):
+    """--tile, or AUTO_TILE for an image that does not fit whole in `pixels` padded pixels (one line says so)."""
+    h, w = images.shape[-2:]
+    if tile is None and math.prod(padded_size(h, w)) > pixels:
+        tile = AUTO_TILE
+        print(
+            f"{shown(source.name)}: {w}x{h} px does not fit whole in the free memory: translated in tiles of {tile} px"
+        )
+    return tile
 
 
 def psnr(a, b):
@@ -205,16 +283,17 @@ class Masks:
 
 
 @torch.inference_mode()
-def translate_batch(G, G_back, images, device, layout, autocast):
+def translate_batch(G, G_back, images, device, layout, autocast, tile=None):
     """images (B, C, H, W) from the loader -> [real, G(real)], then an attention generator's map (white: translated)
-    and, with G_back, G_back(G(real)): uint8 on `device` (8 bits before the copy back: a quarter of the bytes)."""
+    and, with G_back, G_back(G(real)): uint8 on `device` (8 bits before the copy back: a quarter of the bytes).
+    tile: in tiles of that many px (translation.translate_tiled: the same numbers, less memory)."""
     real = images.to(device, memory_format=layout, non_blocking=True)
     with autocast:
-        fake, attention = translate(G, real, attention=True)
+        fake, attention = translate(G, real, attention=True, tile=tile)
         results = (
             [real, fake]
             + ([] if attention is None else [attention * 2 - 1])
-            + ([] if G_back is None else [translate(G_back, fake)])
+            + ([] if G_back is None else [translate(G_back, fake, tile=tile)])
         )
     return [to_uint8(r.float()) for r in results]
 
@@ -237,7 +316,12 @@ def jobs_of(args, device):
         ]
     source = Path(args.input)
     if source.is_dir():
-        files = list_images(source)
+        files = sorted(p for p in source.iterdir() if is_video(p) and p.is_file())  # clips
+        try:
+            files = list_images(source) + files
+        except ValueError:  # no image in the folder: an error unless it has clips
+            if not files:
+                raise
     elif source.is_file():
         files = [source]  # named by the user: any extension, PIL decides
     else:
@@ -263,18 +347,25 @@ def outputs(src, dst, G, G_back, masks):
     return found
 
 
-def main(args):
+def checked_device(args):
+    """The device to translate on, once every flag is known to work (ValueError, one line, naming the first that
+    does not)."""
     try:
         device = chosen_device(args)
     except UserError as e:
         raise ValueError(e) from None
-    for flag, low in (("batchSize", 1), ("n_cpu", 0), ("max_size", 1)):
+    for flag, low in (("batchSize", 1), ("n_cpu", 0), ("max_size", 1), ("tile", 4), ("shared_frames", 1)):
         value = getattr(args, flag)
         if value is not None and value < low:
             raise ValueError(f"--{flag} {value}: must be at least {low}")
     for problem in (channels_problem(args), metrics_problem(args)):
         if problem:
             raise ValueError(problem)
+    return device
+
+
+def main(args):
+    device = checked_device(args)
     masks = Masks(args.mask_dir, args.input_nc, args.output_nc) if args.mask_dir is not None else None
     layout, autocast = precision(device)
     out = Path(args.output_dir)
@@ -284,10 +375,12 @@ def main(args):
     except OSError as e:
         raise ValueError(cannot_write(out, e)) from None
     pixels = free_pixels(device)  # what one batch may hold, padded
-    sections, skipped, written_A = [], [], {}
+    sections, clips, skipped, written_A = [], [], [], {}
     try:  # the page and the summary are written whatever happens
         for src, files, nc, G, G_path, G_back in jobs:
             dst = "B" if src == "A" else "A"
+            videos = [f for f in files if is_video(f)]
+            files = [f for f in files if not is_video(f)]
             folder = ImageFolder(files, nc, memory_check(pixels, args.max_size), args.max_size)
             skipped += folder.skipped
             for path, reason in folder.skipped:
@@ -303,7 +396,8 @@ def main(args):
                 (out / d).mkdir(exist_ok=True)
             rows = []
             for images, indices in batches(loader, args.batchSize, skipped, pixels):
-                results = [r.cpu() for r in translate_batch(G, G_back, images, device, layout, autocast)]
+                tile = tile_size(args.tile, images, pixels, folder.files[indices[0]])
+                results = [r.cpu() for r in translate_batch(G, G_back, images, device, layout, autocast, tile)]
                 for k, i in enumerate(indices):
                     name, source = folder.names[i], folder.files[i]
                     pictures = [r[k] for r in results]
@@ -321,11 +415,15 @@ def main(args):
                         written_A[name] = source
             G_name = "G_A2B" if src == "A" else "G_B2A"
             sections.append((f"{src} → {dst}: {G_name} = {shown(G_path)}", columns, rows))
+            if videos:
+                clips.append((f"{src} → {dst} videos: {G_name}", [f"{G_name}(x)"], []))
+                translate_videos(videos, G, nc, out / dst, args, device, clips[-1][2], skipped)
             print(
                 f"wrote {len(rows)} {src}->{dst} translations to {out / dst}"
                 + (f", reconstructions to {out / folders[-1]}" if G_back is not None else "")
             )
     finally:
+        sections += clips  # after the image sections, which --metrics pairs with the jobs
         write_index(out / "index.html", sections, skipped)
         link_training_page(out)
         if skipped:
@@ -344,7 +442,7 @@ PAGE_STYLE = (
     "body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}"
     "th,td{padding:4px 8px;text-align:center;vertical-align:middle;border-bottom:1px solid #ddd}"
     "td.name{text-align:left;max-width:16em;overflow-wrap:anywhere}"
-    "img{display:block;min-width:128px;max-width:min(30vw,512px);height:auto}"
+    "img,video{display:block;min-width:128px;max-width:min(30vw,512px);height:auto}"
 )
 
 
@@ -376,10 +474,7 @@ def write_index(path, sections, skipped, scores=None):
             + "</tr>"
         )
         for name, images in rows:
-            cells = "".join(
-                f'<td><a href="{quote(src)}"><img src="{quote(src)}" alt="{html.escape(src)}" loading="lazy"></a></td>'
-                for src in images
-            )
+            cells = "".join(cell(src) for src in images)
             parts.append(f'<tr><td class="name">{html.escape(name)}</td>{cells}</tr>')
         parts.append("</table>")
     if skipped:
@@ -390,6 +485,14 @@ def write_index(path, sections, skipped, scores=None):
         )
     parts.append("</body></html>\n")
     write_atomic(path, lambda f: f.write("\n".join(parts)), "w", encoding="utf-8")
+
+
+def cell(src):
+    """A results-page cell: the picture at the relative path src, linked; a clip plays, its poster frame first."""
+    if is_video(src):
+        poster = quote(str(Path(src).with_suffix(".poster.png")))
+        return f'<td><video src="{quote(src)}" poster="{poster}" controls preload="none"></video></td>'
+    return f'<td><a href="{quote(src)}"><img src="{quote(src)}" alt="{html.escape(src)}" loading="lazy"></a></td>'
 
 
 def report_psnr(args, out, written_A):

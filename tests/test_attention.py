@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import models
+import translation
 from conftest import FAST, make_dataset, run_script
 from test_ddp import torchrun
 from test_epoch_end import Links, assert_same_weights, train
@@ -65,14 +66,14 @@ def test_test_py_loads_an_attention_generator_from_its_file_under_any_names(tmp_
     torch.save(G.state_dict(), tmp_path / "ours.pth")
     torch.save({f"layer{i}": v for i, v in enumerate(G.state_dict().values())}, tmp_path / "renamed.pth")
     x = torch.rand(1, 3, 21, 18) * 2 - 1
-    want, want_map = models.translate(G.eval(), x, attention=True)
+    want, want_map = translation.translate(G.eval(), x, attention=True)
     for name in ("ours.pth", "renamed.pth"):
         loaded = models.load_generator(tmp_path / name).eval()
-        got, got_map = models.translate(loaded, x, attention=True)
+        got, got_map = translation.translate(loaded, x, attention=True)
         assert type(loaded) is models.AttentionGenerator and torch.equal(got, want) and torch.equal(got_map, want_map)
     torch.save(models.Generator(3, 3, 2).state_dict(), tmp_path / "plain.pth")
     plain = models.load_generator(tmp_path / "plain.pth")
-    assert type(plain) is models.Generator and models.translate(plain, x, attention=True)[1] is None
+    assert type(plain) is models.Generator and translation.translate(plain, x, attention=True)[1] is None
     with pytest.raises(ValueError, match="not a 1->1 channel generator"):  # the map channel is not an image's
         models.load_generator(tmp_path / "ours.pth", 1, 1)
 

@@ -18,6 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import checkpoints
+import run_state
 from conftest import FAST, ROOT, make_dataset, run_script
 from datasets import EpochSampler, ImageDataset
 from models import Generator
@@ -118,10 +119,12 @@ def test_train_set_up_restore_and_step_keep_every_tensor_on_the_device(
     finished_run, fused_adam_on_meta, monkeypatch, kind
 ):
     """The meta device stands in for `kind`: what that device type decides (device_features) is the real one's."""
-    monkeypatch.setattr(train, "device_features", lambda device: device_features(torch.device(kind)))
+    monkeypatch.setattr(run_state, "device_features", lambda device: device_features(torch.device(kind)))
     data, out = finished_run
     args = train.get_parser().parse_args(["--dataroot", str(data), "--output_dir", str(out), "--resume", *FAST])
-    ckpt = checkpoints.load_checkpoint(args, train.get_parser(), train.CHECKPOINT_TYPES)  # merges the run's flags
+    ckpt = checkpoints.load_checkpoint(
+        args, set(), train.get_parser(), train.CHECKPOINT_TYPES
+    )  # merges the run's flags
     run = train.build(args, META)
     assert train.restore(run, ckpt, args) == 1
     assert run.buffers[0].n > 0 and run.buffers[0].data.is_meta and run.buffers[1].data.is_meta

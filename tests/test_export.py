@@ -16,6 +16,7 @@ from PIL import Image
 
 import export
 import models
+import translation
 from conftest import ROOT, run_script
 from datasets import make_demo
 
@@ -79,7 +80,7 @@ def test_each_kind_of_generator_file_exports_to_test_pys_pixels(kind, images, tm
     G = models.load_generator(tmp_path / "G.pth")
     for path in sorted(images.iterdir()):
         image = Image.open(path).convert("RGB")  # the RGBA one: the docs' example has no alpha handling
-        assert_close_pixels(run_onnx(tmp_path / "G.onnx", image), np.asarray(models.translate_image(G, image)))
+        assert_close_pixels(run_onnx(tmp_path / "G.onnx", image), np.asarray(translation.translate_image(G, image)))
 
 
 def test_translate_image_writes_the_pixels_test_py_writes(images, tmp_path):
@@ -100,7 +101,7 @@ def test_translate_image_writes_the_pixels_test_py_writes(images, tmp_path):
     G = models.load_generator(tmp_path / "G.pth")
     for path in sorted(images.iterdir()):  # the RGBA scene too: alpha over white, as test.py decodes it
         written = np.asarray(Image.open(tmp_path / "out" / "B" / f"{path.stem}.png"))
-        assert np.array_equal(np.asarray(models.translate_image(G, Image.open(path))), written), path.name
+        assert np.array_equal(np.asarray(translation.translate_image(G, Image.open(path))), written), path.name
 
 
 def docs_section(title, page="docs/translating.md"):

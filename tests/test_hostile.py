@@ -422,7 +422,7 @@ def test_damaged_or_foreign_checkpoints_are_one_line(tmp_path):
             continue
         args = train.get_parser().parse_args(["--resume", str(tmp_path / f"{name}.pth")])
         with pytest.raises(train.UserError, match=words.replace("(", r"\(").replace(")", r"\)")):
-            checkpoints.load_checkpoint(args, train.get_parser(), train.CHECKPOINT_TYPES)
+            checkpoints.load_checkpoint(args, set(), train.get_parser(), train.CHECKPOINT_TYPES)
     for name in ("empty", "nets_empty"):
         words = cases[name]
         r = run_script(

@@ -1,4 +1,4 @@
-"""train.Run: checkpoint() and restore() are each other's inverse, for every piece of a run's state; a checkpoint
+"""run_state.Run: checkpoint() and restore() are each other's inverse, for every piece of a run's state; a checkpoint
 written by an older train.py (no "position") still resumes at the same place."""
 
 import importlib
@@ -6,6 +6,7 @@ import math
 
 import torch
 
+import run_state
 from conftest import make_dataset
 from datasets import ImageDataset
 
@@ -70,17 +71,17 @@ def test_restore_puts_back_every_piece_checkpoint_saves(tmp_path):
     )
     dataset = ImageDataset(data, 32, seed=0)
     saved_run = trained_run(args, dataset, seed=1, steps=2)
-    saved = train.checkpoint(saved_run, args, [train.rank_state(saved_run)])
+    saved = run_state.checkpoint(saved_run, args, [run_state.rank_state(saved_run)])
     fresh = trained_run(args, dataset, seed=2, steps=0)
-    before = train.checkpoint(fresh, args, [train.rank_state(fresh)])
-    for key in saved.keys() - {"args", "world_size"}:
+    before = run_state.checkpoint(fresh, args, [run_state.rank_state(fresh)])
+    for key in saved.keys() - {"args", "world_size", "device"}:  # device: checked on resume (check_device), not state
         try:
             same(saved[key], before[key])
         except AssertionError:
             continue
         raise AssertionError(f"{key!r} is the same in a trained and a fresh run: the round trip cannot test it")
     assert train.restore(fresh, saved, args) == 1
-    same(saved, train.checkpoint(fresh, args, [train.rank_state(fresh)]))
+    same(saved, run_state.checkpoint(fresh, args, [run_state.rank_state(fresh)]))
     assert fresh.optimizer_G.param_groups[0]["lr"] == saved_run.optimizer_G.param_groups[0]["lr"] < args.lr
 
 
@@ -94,7 +95,7 @@ def test_an_older_checkpoint_without_position_resumes_at_its_step(tmp_path):
     dataset = ImageDataset(data, 32, seed=0)
     run = trained_run(args, dataset, seed=1, steps=1)
     run.step = 5
-    ckpt = train.checkpoint(run, args, [train.rank_state(run)])
+    ckpt = run_state.checkpoint(run, args, [run_state.rank_state(run)])
     del ckpt["position"]
     fresh = train.build(args, torch.device("cpu"), epoch_size=len(dataset))
     train.restore(fresh, ckpt, args)
