@@ -289,7 +289,7 @@ def translate_batch(G, G_back, images, device, layout, autocast, tile=None):
     tile: in tiles of that many px (translation.translate_tiled: the same numbers, less memory)."""
     real = images.to(device, memory_format=layout, non_blocking=True)
     with autocast:
-        fake, attention = translate(G, real, attention=True, tile=tile)
+        fake, attention = translate(G, real, attention=True, tile=tile, progress=tile is not None)
         results = (
             [real, fake]
             + ([] if attention is None else [attention * 2 - 1])

@@ -11,10 +11,13 @@ a halo of HALO px (the network's own padding at the image's true borders); the t
 resolution, the one tensor held. Memory: one tile plus about 300 bytes a pixel, instead of about 1000.
 """
 
+import sys
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
 from models import AttentionGenerator, InstanceNorm, ResidualBlock, Stop, attend, blend
 from utils import as_image, to_tensor, to_uint8
@@ -36,16 +39,17 @@ def pad(x):
 
 
 @torch.inference_mode()
-def translate(G, x, attention=False, tile=None):
+def translate(G, x, attention=False, tile=None, progress=False):
     """G at any size: reflect-pad H and W up to a multiple of 4 (two stride-2 layers), at least 8 (the residual
     blocks' reflection padding needs 2 px at 1/4 scale), then crop back. attention=True: (G(x), its attention map
-    or None), as attend(). tile: translate each image in tiles of about that many px (translate_tiled)."""
+    or None), as attend(). tile: translate each image in tiles of about that many px (translate_tiled; progress: with
+    a progress bar)."""
     h, w = x.shape[-2:]
     x = pad(x)
     if tile is None:
         y, a = attend(G, x)
     else:  # image by image: each its own statistics
-        pairs = [translate_tiled(G, x[k : k + 1], tile) for k in range(len(x))]
+        pairs = [translate_tiled(G, x[k : k + 1], tile, progress) for k in range(len(x))]
         y = torch.cat([p[0] for p in pairs])
         a = None if pairs[0][1] is None else torch.cat([p[1] for p in pairs])
     y, a = y[..., :h, :w], None if a is None else a[..., :h, :w]
@@ -127,23 +131,31 @@ def release(G):
 
 
 @torch.inference_mode()
-def translate_tiled(G, x, tile):
+def translate_tiled(G, x, tile, progress=False):
     """(G(x), its attention map or None) of a (1, C, H, W) image, H and W multiples of 4, computed in tiles of
-    `tile` px (a multiple of 4): the same numbers as G(x), to float rounding."""
+    `tile` px (a multiple of 4): the same numbers as G(x), to float rounding. progress: a bar of the tiles' passes."""
     head, trunk, tail = split(G)
     boxes = windows(x.shape[-2], x.shape[-1], tile)
+    passes = len(norms(head)) + len(norms(tail)) + 2
+    bar = tqdm(total=passes * len(boxes), unit="tile", desc="tiles", leave=False, disable=not progress, file=sys.stderr)
+
+    def tiles():
+        for box in boxes:
+            yield box
+            bar.update()
+
     try:
-        fix(head, lambda norm: [collect(head, norm, cut(x, crop), relative(crop, core)) for crop, core in boxes])
+        fix(head, lambda norm: [collect(head, norm, cut(x, crop), relative(crop, core)) for crop, core in tiles()])
         q = None  # the head's output at quarter resolution, assembled from the tiles' cores
-        for crop, core in boxes:
+        for crop, core in tiles():
             part = cut(head(cut(x, crop)), relative(crop, core), 4)
             if q is None:
                 q = part.new_empty(*part.shape[:2], x.shape[-2] // 4, x.shape[-1] // 4)
             cut(q, core, 4).copy_(part)
         q = trunk(q)  # whole: its norms see the whole image, as in G(x)
-        fix(tail, lambda norm: [collect(tail, norm, cut(q, crop, 4), relative(crop, core)) for crop, core in boxes])
+        fix(tail, lambda norm: [collect(tail, norm, cut(q, crop, 4), relative(crop, core)) for crop, core in tiles()])
         y, a = None, None
-        for crop, core in boxes:
+        for crop, core in tiles():
             out, attention = finish(G, cut(tail(cut(q, crop, 4)), relative(crop, core)), cut(x, core))
             if y is None:
                 y = out.new_empty(*out.shape[:2], *x.shape[-2:])
@@ -152,6 +164,7 @@ def translate_tiled(G, x, tile):
             if a is not None:
                 cut(a, core).copy_(attention)
     finally:
+        bar.close()
         release(G)
     return y, a
 
