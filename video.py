@@ -110,7 +110,7 @@ def encode(G, src, dst, device, nc, total):
                 for frame in packet.decode():
                     y = to_uint8(translate(G, frame_tensor(frame, nc).to(device))[0].float().cpu())
                     poster = y if poster is None else poster
-                    out.mux(vout.encode(video_frame(y, frame)))
+                    out.mux(vout.encode(video_frame(y, frame, bar.n)))
                     bar.update()
             out.mux(vout.encode(None))
             bar.close()
@@ -121,13 +121,13 @@ def encode(G, src, dst, device, nc, total):
     return poster
 
 
-def video_frame(y, source):
-    """(C, H, W) uint8 -> an av.VideoFrame with the source frame's timestamp."""
+def video_frame(y, source, index):
+    """(C, H, W) uint8 -> an av.VideoFrame with the source frame's timestamp (its index where it has none)."""
     import av
 
     pixels = y[0].numpy() if len(y) == 1 else y.permute(1, 2, 0).numpy()
     frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="gray" if len(y) == 1 else "rgb24")
-    frame.pts, frame.time_base = source.pts, source.time_base
+    frame.pts, frame.time_base = (index, None) if source.pts is None else (source.pts, source.time_base)
     return frame
 
 
