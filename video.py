@@ -110,7 +110,7 @@ def encode(G, src, dst, device, nc, total):
                 for frame in packet.decode():
                     y = to_uint8(translate(G, frame_tensor(frame, nc).to(device))[0].float().cpu())
                     poster = y if poster is None else poster
-                    out.mux(vout.encode(video_frame(y, frame, bar.n)))
+                    out.mux(vout.encode(video_frame(y, frame, bar.n, vout.average_rate)))
                     bar.update()
             out.mux(vout.encode(None))
             bar.close()
@@ -121,13 +121,14 @@ def encode(G, src, dst, device, nc, total):
     return poster
 
 
-def video_frame(y, source, index):
-    """(C, H, W) uint8 -> an av.VideoFrame with the source frame's timestamp (its index where it has none)."""
+def video_frame(y, source, index, rate):
+    """(C, H, W) uint8 -> an av.VideoFrame with the source frame's timestamp (where it has none: its index at the
+    frame rate)."""
     import av
 
     pixels = y[0].numpy() if len(y) == 1 else y.permute(1, 2, 0).numpy()
     frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="gray" if len(y) == 1 else "rgb24")
-    frame.pts, frame.time_base = (index, None) if source.pts is None else (source.pts, source.time_base)
+    frame.pts, frame.time_base = (index, 1 / rate) if source.pts is None else (source.pts, source.time_base)
     return frame
 
 
