@@ -169,7 +169,7 @@ def memory_check(pixels, max_size):
             return None
         hint = "a smaller --max_size" if max_size else "--max_size N to scale its longer side down to N px"
         return (
-            f"{w}x{h} px: translating it needs about {need * BYTES_PER_PIXEL / 1e9:.1f} GB of memory, "
+            f"{w}x{h} px: translating it needs about {need * BYTES_PER_PIXEL / 1e9:.1f} GB of memory even in tiles, "
             f"{pixels * BYTES_PER_PIXEL / 1e9:.1f} GB are free; pass {hint}"
         )
 

@@ -58,7 +58,7 @@ step = os.environ.get("KILL_BEFORE")
 if step:
     original = getattr(epoch_end.EpochEnd, step)
     def killing(self, *run):
-        if not run or run[0].epoch == int(os.environ.get("KILL_EPOCH", self.args.n_epochs)):
+        if step == "close" or run[0].epoch == int(os.environ.get("KILL_EPOCH", self.args.n_epochs)):
             os.kill(os.getpid(), signal.SIGKILL)
         return original(self, *run)
     setattr(epoch_end.EpochEnd, step, killing)
