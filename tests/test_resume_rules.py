@@ -86,6 +86,7 @@ def test_every_switch_turns_both_ways_and_settings_go_back_to_their_defaults(run
 # ---- 1. one run per folder, both ways ----
 
 
+@pytest.mark.slow
 def test_resume_path_continues_in_its_own_folder_and_never_writes_into_another_run(run1, tmp_path):
     run, data = run1
     mine = tmp_path / "mine"

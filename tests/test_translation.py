@@ -88,7 +88,7 @@ sys.path.insert(0, {root!r})
 import models, translation
 torch.manual_seed(0)
 G = models.Generator(3, 3, 2).apply(models.weights_init_normal).eval()
-x = torch.rand(1, 3, 1024, 1024) * 2 - 1
+x = torch.rand(1, 3, 768, 768) * 2 - 1
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 translation.translate(G, x, tile={tile})
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
