@@ -14,17 +14,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = """
-import resource, sys, time, torch
+import sys, time, torch
 sys.path.insert(0, {root!r})
 import models, translation
+
+def high_water():  # peak RSS in MiB of this process (VmHWM: not inherited from the parent, unlike ru_maxrss)
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+
 torch.manual_seed(0)
 G = models.Generator(3, 3, 9).apply(models.weights_init_normal).eval()
 x = torch.rand(1, 3, {h}, {w}) * 2 - 1
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = high_water()
 start = time.perf_counter()
 y = translation.translate(G, x, tile={tile})
 seconds = time.perf_counter() - start
-print(seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024, base / 1024)
+print(seconds, high_water() - base, base)
 """
 
 
