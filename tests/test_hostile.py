@@ -442,6 +442,7 @@ def test_damaged_or_foreign_checkpoints_are_one_line(tmp_path):
         assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: "), (name, r.stderr)
 
 
+@pytest.mark.slow  # a process per case: seconds each
 @pytest.mark.parametrize(
     "script, args, words",
     [

@@ -87,6 +87,7 @@ def test_different_channel_counts_need_identity_off(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow  # a process per case: seconds each
 @pytest.mark.parametrize(
     "case,flags,message",
     [
