@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from files import shown, temporary_name
+from files import shown, write_atomic
 from translation import pad, release, share_statistics, translate
 from utils import as_image, first_line, to_tensor, to_uint8
 
@@ -87,12 +87,14 @@ def translate_clip(G, src, dst, device, nc, shared_frames=8, frame_stats=False):
 
 
 def encode(G, src, dst, device, nc, total):
-    """The second pass of translate_clip: decode, translate, encode into a temporary file, then rename it to dst."""
+    """The second pass of translate_clip: decode, translate and encode into dst through files.write_atomic (a
+    temporary file of its own, renamed to dst when whole); the first frame translated."""
     import av
 
-    tmp, poster = temporary_name(dst), None
-    try:
-        with av.open(str(src)) as clip, av.open(str(tmp), "w", format=container_format(dst)) as out:
+    posters = []
+
+    def write(f):
+        with av.open(str(src)) as clip, av.open(f, "w", format=container_format(dst)) as out:
             vin = clip.streams.video[0]
             ain = clip.streams.audio[0] if clip.streams.audio else None
             name, pix_fmt = encoder(vin.codec_context.name, dst.suffix.lower(), vin.width, vin.height)
@@ -109,16 +111,15 @@ def encode(G, src, dst, device, nc, total):
                     continue
                 for frame in packet.decode():
                     y = to_uint8(translate(G, frame_tensor(frame, nc).to(device))[0].float().cpu())
-                    poster = y if poster is None else poster
+                    if not posters:
+                        posters.append(y)
                     out.mux(vout.encode(video_frame(y, frame, bar.n, vout.average_rate)))
                     bar.update()
             out.mux(vout.encode(None))
             bar.close()
-        tmp.replace(dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return poster
+
+    write_atomic(dst, write)
+    return posters[0]
 
 
 def video_frame(y, source, index, rate):
