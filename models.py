@@ -1,4 +1,5 @@
-"""CycleGAN networks: the ResNet generator, the 70x70 PatchGAN discriminator, and the objective (Zhu et al., 2017).
+"""CycleGAN networks (Zhu et al., 2017): the ResNet generator, the 70x70 PatchGAN discriminator (losses.py: the
+objective).
 
 Layer order and state-dict keys match aitorzip/PyTorch-CycleGAN and the authors' released
 generators, so their .pth files load with strict=True; load_generator also reads other
@@ -97,31 +98,35 @@ class Generator(nn.Module):
 
 
 class AttentionGenerator(nn.Module):
-    """--attention (after Mejjati et al., 2018, and AttentionGAN): the paper's generator with one more output channel
-    from the same trunk, an attention map a = sigmoid(.) that says where to translate; the output is the content
-    tanh(.) blended with the input, a * content + (1 - a) * x, so where a = 0 the input passes unchanged. Same keys
-    as Generator; only the last convolution has nc + 1 filters, which is how load_generator recognises the file."""
+    """--attention: the paper's generator (the content; keys model.*, as Generator's) and a small network of its own
+    (keys attention.*) that says where to use it: a = sigmoid(attention(x)), and the output is the blend
+    a * content + (1 - a) * x, so where a = 0 the input passes unchanged.
 
-    # The map starts near 1 (sigmoid(3) = 0.95 for the initial outputs near 0): the paper's generator, which then
-    # learns where not to translate.
-    OFFSET = 3.0
+    The map network is local on purpose: two 3x3 convolutions and a 1x1 (5 px receptive field, no normalisation)
+    see colours and edges, not the scene, so it cannot tell the domain from image statistics and mark a whole image
+    (what a map from the generator's own trunk did: docs/experiments.md). It starts at a = 0.5."""
 
-    def __init__(self, nc, n_residual_blocks=9):
+    def __init__(self, nc, n_residual_blocks=9, width=32):
         super().__init__()
-        self.model = Generator(nc, nc + 1, n_residual_blocks).model[:-1]  # no Tanh: content and map get their own
+        self.model = Generator(nc, nc, n_residual_blocks).model
+        self.attention = nn.Sequential(
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(nc, width, 3),
+            nn.ReLU(inplace=True),
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(width, width, 3),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, 1, 1),
+        )
 
     def forward(self, x, attention=False):
-        content, a = self.parts(x)
+        content, a = self.model(x), self.map(x)
         out = blend(content, a, x)
         return (out, a) if attention else out
 
-    def parts(self, x):
-        """(content, a): (B, C, H, W) in [-1, 1] and (B, 1, H, W) in [0, 1], before the blend."""
-        return self.split(self.model(x))
-
-    def split(self, y):
-        """(content, a) of the network's raw (B, C + 1, H, W) output."""
-        return torch.tanh(y[:, :-1]), torch.sigmoid(y[:, -1:] + self.OFFSET)
+    def map(self, x):
+        """(B, 1, H, W) in [0, 1]: 1 where the content is used, 0 where the input is kept."""
+        return torch.sigmoid(self.attention(x))
 
 
 def blend(content, a, x):
@@ -245,6 +250,10 @@ def load_generator(path, input_nc=3, output_nc=3):
         raise ValueError(f"{path} does not hold a generator state_dict")
     # The authors' files carry InstanceNorm running stats from an old PyTorch; ours has none.
     state = {k: v for k, v in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    maps = {
+        k.removeprefix("module."): v for k, v in state.items() if k.removeprefix("module.").startswith("attention.")
+    }
+    state = {k: v for k, v in state.items() if k.removeprefix("module.") not in maps}  # the rest: the content
     n_convs = sum(v.dim() == 4 for v in state.values())  # c7s1 + 2 down + 2 per residual block + 2 up + c7s1
     n_vectors = sum(v.dim() == 1 for v in state.values())  # conv biases, plus weight and bias of each affine norm
     affine = n_vectors == n_convs + 2 * (n_convs - 1)  # every conv but the last is followed by a norm
@@ -268,19 +277,19 @@ def load_generator(path, input_nc=3, output_nc=3):
             f"{path} is {what}: this repository's generator is the paper's ResNet one (the authors' "
             f"resnet_9blocks / resnet_6blocks), so it cannot load this file"
         )
-    # One filter more than the image has channels: the attention map of an AttentionGenerator (train.py --attention).
-    attention = not affine and input_nc == output_nc == weights[-1].shape[0] - 1
-    if (weights[0].shape[1], weights[-1].shape[0] - attention) != (input_nc, output_nc):
+    if not maps and not affine and input_nc == output_nc == weights[-1].shape[0] - 1:
+        raise ValueError(
+            f"{path} is an --attention generator of the first design (its map a channel of the generator's own "
+            f"output), which learned no map and which this version does not load (docs/experiments.md): train it "
+            f"again with --attention"
+        )
+    if (weights[0].shape[1], weights[-1].shape[0]) != (input_nc, output_nc):
         raise ValueError(
             f"{path} is not a {input_nc}->{output_nc} channel generator: it translates {weights[0].shape[1]} "
             f"to {weights[-1].shape[0]} channels; set the channel counts (--input_nc, --output_nc) to match"
         )
     n_blocks = (n_convs - 6) // 2
-    build = (
-        partial(AttentionGenerator, input_nc, n_blocks)
-        if attention
-        else partial(Generator, input_nc, output_nc, n_blocks, affine)
-    )
+    build = partial(Generator, input_nc, output_nc, n_blocks, affine)
     with torch.device("meta"):  # shapes only: a file that claims 1000 blocks costs nothing until its shapes fit
         expected = build().state_dict()
     keys = {k.removeprefix("module."): k for k in state}  # our name -> the file's
@@ -295,92 +304,19 @@ def load_generator(path, input_nc=3, output_nc=3):
             )
     netG = build()
     netG.load_state_dict({name: state[key] for name, key in keys.items()})
-    return netG
+    return with_map(netG, maps, path) if maps else netG
 
 
-# ---- The objective: each update's whole loss is one module's forward, so DDP sees one forward per backward ----
-
-
-class GeneratorLoss(nn.Module):
-    """Both generators' loss for a batch. The discriminators are inputs, frozen by the caller, not parameters."""
-
-    def __init__(self, G_A2B, G_B2A, lambda_cycle, lambda_identity, lambda_tv=0.0):
-        super().__init__()
-        self.G_A2B, self.G_B2A = G_A2B, G_B2A
-        self.lambda_cycle, self.lambda_identity, self.lambda_tv = lambda_cycle, lambda_identity, lambda_tv
-
-    def forward(self, real_A, real_B, D_A, D_B):
-        identity = self.lambda_identity > 0
-        # cyc_*, idt_*: as the cycle and identity losses see them (attention generators: the map's gradient stopped)
-        fake_B, cyc_B, idt_B, map_B = generate(self.G_A2B, real_A, real_B, identity)
-        fake_A, cyc_A, idt_A, map_A = generate(self.G_B2A, real_B, real_A, identity)
-        rec_A, rec_B = for_cycle(self.G_B2A, cyc_B), for_cycle(self.G_A2B, cyc_A)
-        loss_G_GAN = lsgan(D_B(fake_B), 1.0) + lsgan(D_A(fake_A), 1.0)
-        loss_G_cycle = self.lambda_cycle * (F.l1_loss(rec_A, real_A) + F.l1_loss(rec_B, real_B))
-        loss_G_identity = (
-            self.lambda_cycle * self.lambda_identity * (F.l1_loss(idt_A, real_A) + F.l1_loss(idt_B, real_B))
-            if identity
-            else real_A.new_zeros((), dtype=torch.float32)
-        )
-        loss_G = loss_G_GAN + loss_G_cycle + loss_G_identity
-        if map_B is not None:  # --attention: smooth maps, part of loss_G (losses.csv keeps its columns)
-            loss_G = loss_G + self.lambda_tv * (total_variation(map_A) + total_variation(map_B))
-        return (loss_G, loss_G_identity, loss_G_GAN, loss_G_cycle), (fake_A, fake_B, rec_A, rec_B)
-
-
-class DiscriminatorLoss(nn.Module):
-    """LSGAN loss of each discriminator: real -> 1, fake -> 0, halved as in the paper to slow D down."""
-
-    def __init__(self, D_A, D_B):
-        super().__init__()
-        self.D_A, self.D_B = D_A, D_B
-
-    def forward(self, real_A, real_B, fake_A, fake_B):
-        loss_D_A = 0.5 * (lsgan(self.D_A(real_A), 1.0) + lsgan(self.D_A(fake_A), 0.0))
-        loss_D_B = 0.5 * (lsgan(self.D_B(real_B), 1.0) + lsgan(self.D_B(fake_B), 0.0))
-        return loss_D_A, loss_D_B
-
-
-def generate(G, x, y, identity):
-    """(G(x), G(x) for the cycle loss, G(y) for the identity loss or None, G's attention map of x or None), from one
-    batched pass: InstanceNorm keeps the samples independent. The paper's generator: the same G(x) twice; an
-    attention generator's second and third are blended with the map's gradient stopped (see stopped_blend)."""
-    both, n = torch.cat([x, y]) if identity else x, len(x)
-    if isinstance(G, AttentionGenerator):
-        content, a = G.parts(both)
-        fake = blend(content[:n], a[:n], x)
-        kept = stopped_blend(content, a, both)
-        a = a[:n]
-    else:
-        kept, a = G(both), None
-        fake = kept[:n]
-    cyc, idt = kept.chunk(2) if identity else (kept, None)
-    return fake, cyc, idt, a
-
-
-def stopped_blend(content, a, x):
-    """An attention generator's output with the map's gradient stopped: what the cycle and identity losses see, so
-    that the maps learn from the adversarial loss and the total variation only. With the cycle loss's gradient they
-    fell to 0 everywhere within an epoch on the demo (a generator that changes nothing makes the cycle loss 0, and
-    sigmoid's gradient then vanishes); with the identity loss's, they became a domain detector (0 on the target
-    domain) and the content never learned (docs/experiments.md)."""
-    return blend(content, a.detach(), x)
-
-
-def for_cycle(G, x):
-    """G(x) as the cycle loss sees it (an attention generator's map gradient stopped)."""
-    return stopped_blend(*G.parts(x), x) if isinstance(G, AttentionGenerator) else G(x)
-
-
-def total_variation(a):
-    """Mean absolute difference between neighbouring pixels of the (B, 1, H, W) maps: 0 for a constant map."""
-    return (a[..., 1:, :] - a[..., :-1, :]).abs().mean() + (a[..., 1:] - a[..., :-1]).abs().mean()
-
-
-def lsgan(pred, target):
-    """Least-squares GAN loss on every patch of the (B, 1, H/8 - 2, W/8 - 2) map, towards a constant target; for a
-    multi-scale discriminator's list of maps, the mean over scales (so the adversarial term keeps its weight against
-    lambda_cycle, whatever the number of scales)."""
-    if isinstance(pred, list):
-        return sum(lsgan(p, target) for p in pred) / len(pred)
-    return F.mse_loss(pred, torch.full_like(pred, target))
+def with_map(content, maps, path):
+    """An AttentionGenerator of the loaded content generator and the file's attention.* tensors."""
+    nc, n_blocks = content.model[1].in_channels, sum(isinstance(m, ResidualBlock) for m in content.model)
+    G = AttentionGenerator(nc, n_blocks)
+    try:
+        G.attention.load_state_dict({k.removeprefix("attention."): v for k, v in maps.items()})
+    except RuntimeError:  # missing, unexpected or misshapen tensors
+        raise ValueError(
+            f"{path}: its attention.* tensors do not fit this version's map network (3x3, 3x3 and 1x1 convolutions, "
+            f"32 filters): is it a generator of train.py --attention?"
+        ) from None
+    G.model.load_state_dict(content.model.state_dict())
+    return G

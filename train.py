@@ -32,11 +32,8 @@ from cuda_graph import CudaGraphStep
 from datasets import ImageDataset, skipped_summary, train_loader
 from epoch_end import EpochEnd
 from files import copy_histories, remove_leftovers
-from models import (
-    DiscriminatorLoss,
-    GeneratorLoss,
-    max_scales,
-)
+from losses import AttentionLoss, DiscriminatorLoss, GeneratorLoss
+from models import max_scales
 from report import run_logger
 from run_state import CHECKPOINT_TYPES, build, restore, save_checkpoint, steps_per_epoch
 from runtime import (
@@ -49,6 +46,7 @@ from stopping import Stopper, before_exit
 from utils import UserError, cannot_write, channels_problem, first_line, set_requires_grad
 
 LOSS_NAMES = ["loss_G", "loss_G_identity", "loss_G_GAN", "loss_G_cycle", "loss_D", "loss_D_A", "loss_D_B"]
+MAP_NAMES = ["loss_map", "map_A", "map_B"]  # --attention: the maps' loss and their means (0 keeps, 1 translates)
 STOPPED_WAIT = 5  # seconds a stopped run waits for its last redraw, which then finishes on its own
 MAX_SIZE = 2048  # --size: 8x the paper's 256 px crops, already ~64x its memory
 
@@ -96,7 +94,10 @@ def add_training_flags(g):
     g.add_argument(
         "--lambda_identity", type=float, default=0.5, help="identity loss weight, as a fraction of lambda_cycle"
     )
-    g.add_argument("--lambda_tv", type=float, default=1.0, help="--attention: weight of the maps' total variation")
+    g.add_argument("--lambda_tv", type=float, default=0.1, help="--attention: weight of the maps' total variation")
+    g.add_argument(
+        "--lambda_floor", type=float, default=0.3, help="--attention: weight of mean(1 - map), against maps of 0"
+    )
     g.add_argument(
         "--pool_size", type=int, default=50, help="fakes kept in each discriminator's replay buffer (0: none)"
     )
@@ -177,7 +178,7 @@ def check_args(args, resuming=False):
             f"--size {args.size}: the generator needs a multiple of 4, the discriminator at least 24, "
             f"and memory grows with its square: at most {MAX_SIZE} (the paper trains at 256)"
         )
-    for flag in ("lr", "lambda_cycle", "lambda_identity", "lambda_tv"):
+    for flag in ("lr", "lambda_cycle", "lambda_identity", "lambda_tv", "lambda_floor"):
         value = getattr(args, flag)
         if not math.isfinite(value) or value < 0 or (flag == "lr" and value == 0):
             raise UserError(
@@ -227,9 +228,10 @@ def train_step(
     real_B,
     choices_A,
     choices_B,
+    names=LOSS_NAMES,
 ):
-    """One CycleGAN update: both generators, then both discriminators. Returns the losses as one (7,) tensor in
-    LOSS_NAMES order, and (fake_A, fake_B, rec_A, rec_B). No host sync inside: CUDA can replay it as one graph.
+    """One CycleGAN update: both generators, then both discriminators. Returns the losses as one tensor in
+    loss_names(args) order, and (fake_A, fake_B, rec_A, rec_B). No host sync inside: CUDA can replay it as one graph.
 
     choices_*: the replay buffers' draws for this batch (ReplayBuffer.draw), made before the step."""
     D_A, D_B = discriminators
@@ -239,9 +241,7 @@ def train_step(
     set_requires_grad(discriminators, False)
     optimizer_G.zero_grad(set_to_none=True)
     with autocast:
-        (loss_G, loss_G_identity, loss_G_GAN, loss_G_cycle), (fake_A, fake_B, rec_A, rec_B) = g_loss(
-            real_A, real_B, D_A, D_B
-        )
+        (loss_G, terms_G), (fake_A, fake_B, rec_A, rec_B) = g_loss(real_A, real_B, D_A, D_B)
     scaler.scale(loss_G).backward()
     scaler.step(optimizer_G)
 
@@ -257,22 +257,42 @@ def train_step(
     scaler.step(optimizer_D)
     scaler.update()
 
-    losses = [loss_G, loss_G_identity, loss_G_GAN, loss_G_cycle, loss_D, loss_D_A, loss_D_B]
+    losses = {"loss_G": loss_G, **terms_G, "loss_D": loss_D, "loss_D_A": loss_D_A, "loss_D_B": loss_D_B}
     # Detached: an output with its grad_fn would keep parts of this step's graph alive through the next step.
-    return torch.stack([x.detach().float() for x in losses]), tuple(x.detach() for x in (fake_A, fake_B, rec_A, rec_B))
+    return torch.stack([losses[name].detach().float() for name in names]), tuple(
+        x.detach() for x in (fake_A, fake_B, rec_A, rec_B)
+    )
 
 
 def make_step(run, args, ddp=False):
     """train_step bound to the run (losses in DDP under torchrun): a function of (real_A, real_B, choices_A,
     choices_B)."""
     G_A2B, G_B2A, D_A, D_B = run.nets.values()
-    g_loss = GeneratorLoss(G_A2B, G_B2A, args.lambda_cycle, args.lambda_identity, args.lambda_tv)
+    g_loss = (
+        AttentionLoss(G_A2B, G_B2A, args.lambda_cycle, args.lambda_identity, args.lambda_tv, args.lambda_floor)
+        if args.attention
+        else GeneratorLoss(G_A2B, G_B2A, args.lambda_cycle, args.lambda_identity)
+    )
     d_loss = DiscriminatorLoss(D_A, D_B)
     if ddp:  # each wrapped forward computes a whole loss: no network runs twice inside one DDP forward-backward
         g_loss, d_loss = DDP(g_loss), DDP(d_loss)
+    optimizers = run.optimizer_G, run.optimizer_D
     return functools.partial(
-        train_step, g_loss, d_loss, (D_A, D_B), run.optimizer_G, run.optimizer_D, run.scaler, run.autocast, run.buffers
+        train_step,
+        g_loss,
+        d_loss,
+        (D_A, D_B),
+        *optimizers,
+        run.scaler,
+        run.autocast,
+        run.buffers,
+        names=loss_names(args),
     )
+
+
+def loss_names(args):
+    """The columns of losses.csv, in the order train_step returns them."""
+    return LOSS_NAMES[:4] + MAP_NAMES + LOSS_NAMES[4:] if args.attention else LOSS_NAMES
 
 
 def main(args, typed=frozenset()):
@@ -311,7 +331,7 @@ def main(args, typed=frozenset()):
     if features.graphs and not capture and not done:
         log("the step runs eagerly: " + ("--eager" if args.eager else "DDP" if world.ddp else "float16 loss scaling"))
     loader = train_loader(dataset, args.batchSize, args.n_cpu, features.pin_memory, args.seed, world.rank, world.size)
-    logger = run_logger(args, world, LOSS_NAMES, steps_per_epoch(run, args, world.size) * args.n_epochs, run)
+    logger = run_logger(args, world, loss_names(args), steps_per_epoch(run, args, world.size) * args.n_epochs, run)
     stopper = Stopper(world.control, world.rank)  # Ctrl-C / SIGTERM: finish the step, save, exit
     at_epoch_end = ckpt is not None and run.epoch > 0 and run.sample == 0
     epoch_end = EpochEnd(args, ckpt and run.epoch, world.device, at_epoch_end) if world.is_main else None

@@ -14,14 +14,16 @@ class ReplayBuffer:
 
     KEEP, STORE, SWAP = 0, 1, 2  # D sees the new fake | the new fake is stored and seen | D sees an old one, replaced
 
-    def __init__(self, max_size=50, seed=0):
+    def __init__(self, max_size=50, seed=0, per_image=1):
         self.max_size, self.n, self.data = max_size, 0, None  # n: slots filled so far
         self.generator = torch.Generator().manual_seed(seed)  # own stream, saved in checkpoints
+        self.per_image = per_image  # fakes per input image (--attention: the content and the blend)
 
     def draw(self, batch_size):
-        """This batch's choices, (batch_size, 2) int64 rows of (slot, action), consuming the random stream."""
+        """The choices for a batch's fakes, (batch_size * per_image, 2) int64 rows of (slot, action), consuming the
+        random stream."""
         rows = []
-        for _ in range(batch_size):
+        for _ in range(batch_size * self.per_image):
             if self.n < self.max_size:
                 rows.append((self.n, self.STORE))
                 self.n += 1
@@ -29,7 +31,7 @@ class ReplayBuffer:
                 rows.append((torch.randint(self.max_size, (1,), generator=self.generator).item(), self.SWAP))
             else:
                 rows.append((0, self.KEEP))
-        return torch.tensor(rows, dtype=torch.int64).reshape(batch_size, 2)
+        return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 2)
 
     def push_and_pop(self, fakes, choices):
         """What D sees for fakes (B, C, H, W), given draw()'s choices (on the fakes' device); stores fakes as chosen."""

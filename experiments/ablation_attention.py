@@ -1,15 +1,20 @@
-"""Ablation (not a test): the paper's generator against --attention, and test.py --mask_dir, on demo scenes that
-carry a house which is the same in summer and winter (`python datasets.py demo --objects`).
+"""Ablation (not a test): the paper's generator against --attention and its variants, and test.py --mask_dir, on demo
+scenes that carry a house which is the same in summer and winter (`python datasets.py demo --objects`).
 
-    python experiments/ablation_attention.py                      # the quick start's run, seeds 1-3: ~30 min, 2 cores
-    python experiments/ablation_attention.py --fid_weights W.pth   # with FID and KID (a local Inception weights file)
+    python experiments/ablation_attention.py                        # paper and attention, seeds 1-3, 600 steps each
+    python experiments/ablation_attention.py --epochs 4              # 1,200 steps each
+    python experiments/ablation_attention.py --variants paper attention no_floor no_identity
+    python experiments/ablation_attention.py --fid_weights W.pth     # with FID and KID (a local Inception weights file)
 
-Each (generator, seed) trains train.py from scratch with the quick start's flags, then translates test/A with
-test.py twice: whole, and with --mask_dir test/mask_A (the house black: kept). Against the true winter scenes
-(test/truth_B, where the house is unchanged) it reports PSNR over the whole scene, inside the house (mask below
-128) and outside it; for attention generators the mean attention inside and outside the house (1 = translated);
-FID and KID of the whole translations against test/B where the Inception weights are given. The table goes to
-stdout and to OUTPUT/ablation.md; each run's files stay in OUTPUT/<generator>_seed<s>/.
+Each (variant, seed) trains train.py from scratch with the quick start's flags (2 epochs of 300 steps at 32 px) and
+the variant's, then translates test/A with test.py twice: whole, and with --mask_dir test/mask_A (the house black:
+kept). Against the true winter scenes (test/truth_B, where the house is unchanged) it reports PSNR over the whole
+scene, inside the house (mask below 128) and outside it; for attention generators the map's mean inside and outside
+the house (1 = translated) and its AUC as a house detector (1 - map as the score); FID and KID of the whole
+translations against test/B where the Inception weights are given. "meets" is the success test of issue 35 on
+every seed: map < 0.3 on the house and > 0.7 outside, PSNR inside the house >= 18 dB, outside within 1 dB of the
+paper's of the same seed. The table goes to stdout and OUTPUT/ablation.md; each run stays in OUTPUT/<variant>_seed<s>
+(a finished run is reused, so seeds and variants can be added to a table).
 """
 
 import argparse
@@ -21,10 +26,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ablation_multiscale import peak_memory_run
-
 ROOT = Path(__file__).resolve().parent.parent
-QUICK_START = ["--size", "32", "--n_epochs", "2", "--decay_epoch", "1", "--lr", "0.0005", "--n_cpu", "0"]
+QUICK_START = ["--size", "32", "--lr", "0.0005", "--n_cpu", "0", "--no_visdom", "--no_figures"]
+VARIANTS = {  # name -> train.py flags
+    "paper": [],
+    "attention": ["--attention"],
+    "no_floor": ["--attention", "--lambda_floor", "0"],
+    "floor_0.1": ["--attention", "--lambda_floor", "0.1"],
+    "no_identity": ["--attention", "--lambda_identity", "0"],
+}
 
 
 def psnr(a, b):
@@ -33,48 +43,46 @@ def psnr(a, b):
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
+def auc(scores, positives):
+    """Area under the ROC curve of scores for the boolean positives (Mann-Whitney, ties counted half)."""
+    order = np.argsort(scores, kind="stable")
+    _, first, counts = np.unique(scores[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(scores))
+    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)  # 1-based, ties share their mean rank
+    n_pos, n_neg = positives.sum(), (~positives).sum()
+    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def houses(data):
+    """{test image name: its house mask (H, W) bool}."""
+    return {p.name: np.asarray(Image.open(p)) < 128 for p in sorted((data / "test" / "mask_A").glob("*.png"))}
+
+
 def region_psnrs(folder, data):
     """PSNR of folder/*.png against test/truth_B: (whole, inside the house, outside it), over all test images."""
-    whole, inside, outside = [], [], []
-    for truth_path in sorted((data / "test" / "truth_B").glob("*.png")):
-        fake = np.asarray(Image.open(folder / truth_path.name).convert("RGB"), dtype=np.float64)
-        truth = np.asarray(Image.open(truth_path).convert("RGB"), dtype=np.float64)
-        house = np.asarray(Image.open(data / "test" / "mask_A" / truth_path.name)) < 128
-        whole.append((fake, truth))
-        inside.append((fake[house], truth[house]))
-        outside.append((fake[~house], truth[~house]))
-    return tuple(
-        psnr(np.concatenate([f.ravel() for f, _ in pairs]), np.concatenate([t.ravel() for _, t in pairs]))
-        for pairs in (whole, inside, outside)
-    )
+    pairs = {"whole": [], "house": [], "outside": []}
+    for name, house in houses(data).items():
+        fake = np.asarray(Image.open(folder / name).convert("RGB"), dtype=np.float64)
+        truth = np.asarray(Image.open(data / "test" / "truth_B" / name).convert("RGB"), dtype=np.float64)
+        for region, keep in (("whole", np.ones_like(house)), ("house", house), ("outside", ~house)):
+            pairs[region].append((fake[keep].ravel(), truth[keep].ravel()))
+    return tuple(psnr(np.concatenate([f for f, _ in p]), np.concatenate([t for _, t in p])) for p in pairs.values())
 
 
-def attention_split(folder, data):
-    """Mean attention map value (0-1) inside and outside the house, over the test images."""
-    inside, outside = [], []
-    for path in sorted(folder.glob("*.png")):
-        a = np.asarray(Image.open(path), dtype=np.float64) / 255
-        house = np.asarray(Image.open(data / "test" / "mask_A" / path.name)) < 128
-        inside.append(a[house])
-        outside.append(a[~house])
-    return float(np.concatenate(inside).mean()), float(np.concatenate(outside).mean())
+def map_scores(folder, data):
+    """(mean map on the house, mean outside, AUC of 1 - map as a house detector) over the test images."""
+    maps, masks = [], []
+    for name, house in houses(data).items():
+        maps.append(np.asarray(Image.open(folder / name), dtype=np.float64).ravel() / 255)
+        masks.append(house.ravel())
+    a, house = np.concatenate(maps), np.concatenate(masks)
+    return float(a[house].mean()), float(a[~house].mean()), auc(1 - a, house)
 
 
 def translate(args, data, run, out, *extra):
     """test.py on test/A with the run's G_A2B into out; its stdout."""
-    cmd = [
-        sys.executable,
-        str(ROOT / "test.py"),
-        "--input",
-        str(data / "test" / "A"),
-        "--output_dir",
-        str(out),
-        "--generator",
-        str(run / "netG_A2B.pth"),
-        "--n_cpu",
-        "0",
-        *extra,
-    ]
+    cmd = [sys.executable, str(ROOT / "test.py"), "--input", str(data / "test" / "A"), "--output_dir", str(out)]
+    cmd += ["--generator", str(run / "netG_A2B.pth"), "--n_cpu", "0", *extra]
     if args.fid_weights:
         cmd += ["--metrics", "--fid_weights", args.fid_weights, "--dataroot", str(data)]
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -83,79 +91,67 @@ def translate(args, data, run, out, *extra):
     return r.stdout
 
 
-def one_run(args, data, attention, seed):
+def one_run(args, data, variant, seed):
     """Train, translate whole and masked, measure: a dict of the table's columns."""
-    name = "attention" if attention else "paper"
-    run = Path(args.output) / f"{name}_seed{seed}"
-    cmd = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "--dataroot",
-        str(data),
-        "--output_dir",
-        str(run),
-        *QUICK_START,
-        "--seed",
-        str(seed),
-        "--no_visdom",
-    ] + ["--attention"] * attention
-    if not (run / "netG_A2B.pth").is_file():  # a finished run is reused: add seeds or variants to an earlier table
-        code, log, _ = peak_memory_run(cmd)
-        if code:
-            sys.exit(f"training failed ({' '.join(cmd)}):\n{log[-3000:]}")
-    row = {"generator": name, "seed": seed}
+    run = Path(args.output) / f"{variant}_{args.epochs * 300}steps_seed{seed}"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--dataroot", str(data), "--output_dir", str(run), *QUICK_START]
+    cmd += ["--n_epochs", str(args.epochs), "--decay_epoch", str(args.epochs // 2), "--seed", str(seed)]
+    cmd += VARIANTS[variant]
+    if not (run / "netG_A2B.pth").is_file():
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            sys.exit(f"training failed ({' '.join(cmd)}):\n{(r.stdout + r.stderr)[-3000:]}")
+    row = {"variant": variant, "seed": seed}
     whole = translate(args, data, run, run / "whole")
     translate(args, data, run, run / "masked", "--mask_dir", str(data / "test" / "mask_A"))
     row["whole"] = region_psnrs(run / "whole" / "B", data)
     row["masked"] = region_psnrs(run / "masked" / "B", data)
-    row["attention"] = attention_split(run / "whole" / "attention_B", data) if attention else None
+    maps = run / "whole" / "attention_B"
+    row["map"] = map_scores(maps, data) if maps.is_dir() else None
     found = re.search(r"^A2B\s.*?\s([\d.]+)\s+([\d.]+)", whole, re.M)
     row["fid"], row["kid"] = (float(found[1]), float(found[2])) if found else (None, None)
     return row
 
 
+def meets(row, paper):
+    """Issue 35's success test for one seed's run (paper: the paper's row of the same seed, or None)."""
+    if row["map"] is None or paper is None:
+        return False
+    house_map, outside_map, _ = row["map"]
+    _, house, outside = row["whole"]
+    return house_map < 0.3 and outside_map > 0.7 and house >= 18 and outside >= paper["whole"][2] - 1
+
+
+def cell(rows, get, fmt):
+    values = [get(r) for r in rows]
+    return "n/a" if any(v is None for v in values) else " / ".join(format(v, fmt) for v in values)
+
+
+def psnr_cells(rows, how):
+    return [cell(rows, lambda r, k=k: r[how][k], ".2f") for k in range(3)]
+
+
 def table(args, rows):
-    """The markdown table: one line per generator, each cell the seeds' values in order."""
-
-    def cell(rs, get, fmt):
-        values = [get(r) for r in rs]
-        return "not measured" if any(v is None for v in values) else " / ".join(format(v, fmt) for v in values)
-
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "CPU"
-    )
+    """The markdown table: two lines per variant (test.py whole, --mask_dir), each cell the seeds' values in order."""
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "CPU")
+    training = f"{' '.join(QUICK_START)} --n_epochs {args.epochs} --decay_epoch {args.epochs // 2}"
     lines = [
-        f"demo scenes with a house, {args.n_train} train and {args.n_test} test per domain; the quick start's "
-        f"training ({' '.join(QUICK_START)}); {cpu}; per seed ({', '.join(map(str, args.seeds))}); PSNR in dB "
-        f"against test/truth_B",
+        f"demo scenes with a house, {args.n_train} train and {args.n_test} test per domain; {args.epochs * 300} steps "
+        f"({training}); {cpu}; per seed ({', '.join(map(str, args.seeds))}); PSNR in dB against test/truth_B",
         "",
-        "| generator | test.py | PSNR whole | PSNR house | PSNR outside | attention house / outside | FID A→B | "
-        "KID×100 A→B |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | test.py | PSNR whole | PSNR house | PSNR outside | map: house | map: outside | map AUC | meets | "
+        "FID A→B | KID×100 A→B |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in ("paper", "attention"):
-        rs = [r for r in rows if r["generator"] == name]
-        if not rs:
-            continue
-        for how in ("whole", "masked"):
-            att = (
-                cell(rs, lambda r: r["attention"] and r["attention"][0], ".3f")
-                + " (house); "
-                + cell(rs, lambda r: r["attention"] and r["attention"][1], ".3f")
-                + " (outside)"
-                if name == "attention"
-                else "n/a"
-            )
-            lines.append(
-                f"| {name} | {'--mask_dir' if how == 'masked' else 'whole'} | "
-                + " | ".join(cell(rs, lambda r, k=k, how=how: r[how][k], ".2f") for k in range(3))
-                + f" | {att if how == 'whole' else ''} | "
-                + (
-                    f"{cell(rs, lambda r: r['fid'], '.1f')} | {cell(rs, lambda r: r['kid'], '.2f')} |"
-                    if how == "whole"
-                    else " | |"
-                )
-            )
+    papers = {r["seed"]: r for r in rows if r["variant"] == "paper"}
+    for variant in args.variants:
+        rs = [r for r in rows if r["variant"] == variant]
+        maps = [cell(rs, lambda r, k=k: r["map"] and r["map"][k], ".3f") for k in range(3)]
+        verdicts = ["yes" if meets(r, papers.get(r["seed"])) else "no" for r in rs]
+        ok = "n/a" if variant == "paper" else " / ".join(verdicts)
+        metrics = [cell(rs, lambda r: r["fid"], ".1f"), cell(rs, lambda r: r["kid"], ".2f")]
+        lines.append(f"| {variant} | whole | " + " | ".join([*psnr_cells(rs, "whole"), *maps, ok, *metrics]) + " |")
+        lines.append(f"| {variant} | `--mask_dir` | " + " | ".join(psnr_cells(rs, "masked")) + " | | | | | | |")
     return "\n".join(lines)
 
 
@@ -167,19 +163,21 @@ def main(args):
     if not (data / "test" / "mask_A").is_dir():
         make_demo(data, n_train=args.n_train, n_test=args.n_test, objects=True)
     rows = []
-    for attention in (False, True):
+    for variant in args.variants:
         for seed in args.seeds:
-            rows.append(one_run(args, data, attention, seed))
+            rows.append(one_run(args, data, variant, seed))
             print(f"  {rows[-1]}", flush=True)
     text = table(args, rows)
     print("\n" + text)
-    (Path(args.output) / "ablation.md").write_text(text + "\n")
+    (Path(args.output) / f"ablation_{args.epochs * 300}steps.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default="output/ablation_attention", help="where the data, runs and table go")
+    p.add_argument("--variants", nargs="+", default=["paper", "attention"], choices=list(VARIANTS))
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--epochs", type=int, default=2, help="epochs of 300 steps (the quick start: 2)")
     p.add_argument("--n_train", type=int, default=300, help="training scenes per domain (the demo's)")
     p.add_argument("--n_test", type=int, default=20)
     p.add_argument("--fid_weights", default=None, help="FID/KID with a local Inception weights file")

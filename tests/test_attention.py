@@ -9,19 +9,17 @@ import pytest
 import torch
 from PIL import Image
 
+import losses
 import models
+import run_state
+import train as train_py
 import translation
 from conftest import FAST, make_dataset, run_script
 from test_ddp import torchrun
 from test_epoch_end import Links, assert_same_weights, train
-
-pytestmark = pytest.mark.slow  # every test here trains or starts servers for seconds
+from utils import ReplayBuffer
 
 NETS = ("G_A2B", "G_B2A", "D_A", "D_B")
-
-
-def last_filters(state):
-    return [v for k, v in state.items() if k.endswith(".weight")][-1].shape[0]
 
 
 @pytest.fixture(scope="module")
@@ -32,50 +30,107 @@ def data(tmp_path_factory):
 def test_the_map_blends_the_content_with_the_input():
     G = models.AttentionGenerator(3, 1)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
-    last = G.model[-1]
     with torch.no_grad():
-        last.bias[-1] = -100.0  # a = 0: the input passes unchanged
+        G.attention[-1].bias.fill_(-100.0)  # a = 0: the input passes unchanged
         out, a = G(x, attention=True)
         assert a.shape == (2, 1, 16, 16) and torch.allclose(out, x, atol=1e-6)
-        last.bias[-1] = 100.0  # a = 1: the content alone
-        assert torch.allclose(G(x), torch.tanh(G.model(x)[:, :3]), atol=1e-6)
-    assert models.total_variation(torch.ones(1, 1, 5, 5)) == 0
-    assert models.total_variation(torch.eye(4)[None, None]) > 0
+        G.attention[-1].bias.fill_(100.0)  # a = 1: the content alone, the paper's generator
+        assert torch.allclose(G(x), G.model(x), atol=1e-6)
+    assert set(G.state_dict()) - set(models.Generator(3, 3, 1).state_dict()) == {
+        f"attention.{i}.{p}" for i in (1, 4, 6) for p in ("weight", "bias")
+    }
+    assert losses.total_variation(torch.ones(1, 1, 5, 5)) == 0
+    assert losses.total_variation(torch.eye(4)[None, None]) > 0
 
 
-def test_the_maps_learn_from_the_adversarial_loss_and_not_from_cycle_or_identity():
-    """A generator that changes nothing makes the cycle and identity losses 0: with their gradient the maps fell to 0
-    on the demo. Here only the GAN term (and the TV term) reaches the map's filter; the content's get all terms."""
+def attention_loss(lambda_identity=0.5, lambda_tv=0.1, lambda_floor=0.3, D=None):
+    """(the logged terms, G_A2B) of one AttentionLoss forward on random images."""
     torch.manual_seed(0)
     G_A2B, G_B2A = models.AttentionGenerator(3, 1), models.AttentionGenerator(3, 1)
-    loss = models.GeneratorLoss(G_A2B, G_B2A, 10.0, 0.5, lambda_tv=1.0)
-    (_, loss_identity, loss_gan, loss_cycle), _ = loss(
-        torch.rand(1, 3, 32, 32) * 2 - 1,
-        torch.rand(1, 3, 32, 32) * 2 - 1,
-        models.Discriminator(3),
-        models.Discriminator(3),
+    loss = losses.AttentionLoss(G_A2B, G_B2A, 10.0, lambda_identity, lambda_tv, lambda_floor)
+    real_A, real_B = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
+    D_A, D_B = (models.Discriminator(3), models.Discriminator(3)) if D is None else (D, D)
+    (loss_G, terms), (fakes_A, fakes_B, _, _) = loss(real_A, real_B, D_A, D_B)
+    attention_loss.seen = real_A, fakes_B
+    return {"loss_G": loss_G, **terms}, G_A2B
+
+
+def reaches(term, params):
+    grads = torch.autograd.grad(term, list(params), retain_graph=True, allow_unused=True)
+    return any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_the_content_learns_the_papers_loss_and_the_map_only_its_own():
+    """The contents get the paper's three terms and nothing of the maps' loss (they are detached there); the maps get
+    loss_map only. So the content trains as the paper's generator does."""
+    terms, G_A2B = attention_loss()
+    content, attention = G_A2B.model.parameters(), G_A2B.attention.parameters()
+    content, attention = list(content), list(attention)
+    for name in ("loss_G_GAN", "loss_G_cycle", "loss_G_identity"):
+        assert reaches(terms[name], content) and not reaches(terms[name], attention), name
+    assert reaches(terms["loss_map"], attention) and not reaches(terms["loss_map"], content)
+    assert torch.allclose(
+        terms["loss_G"], terms["loss_G_GAN"] + terms["loss_G_cycle"] + terms["loss_G_identity"] + terms["loss_map"]
     )
-    last = G_A2B.model[-1].weight  # (4, 64, 7, 7): 3 content filters, then the map's
-    for term, map_gets_it in ((loss_gan, True), (loss_cycle, False), (loss_identity, False)):
-        grad = torch.autograd.grad(term, last, retain_graph=True)[0]
-        assert (grad[3].abs().sum() > 0) == map_gets_it and grad[:3].abs().sum() > 0
+    assert 0 < terms["map_A"] < 1 and 0 < terms["map_B"] < 1  # sigmoid(about 0): the maps start near 0.5
 
 
-def test_test_py_loads_an_attention_generator_from_its_file_under_any_names(tmp_path):
+def test_the_discriminators_learn_from_the_blend_and_the_content():
+    """Two fakes per image: the blend (what G writes) and the content (what the paper's D sees); learning only from
+    the contents, D never saw the source domain, and the maps kept the green summer ground."""
+    _, G_A2B = attention_loss()
+    real_A, fakes_B = attention_loss.seen
+    with torch.no_grad():
+        blend, content = G_A2B(real_A), G_A2B.model(real_A)
+    assert torch.allclose(fakes_B[:1], blend, atol=1e-5) and torch.allclose(fakes_B[1:], content, atol=1e-5)
+    assert ReplayBuffer(50, 0, per_image=2).draw(3).shape == (6, 2)
+    args = train_py.get_parser().parse_args(["--attention", "--seed", "0"])
+    assert [b.per_image for b in run_state.build(args, torch.device("cpu"), 0, epoch_size=1).buffers] == [2, 2]
+
+
+def blind(x):  # a discriminator whose verdict does not depend on its input: the GAN terms give no gradient
+    return x.sum() * 0
+
+
+def test_the_identity_of_the_blend_teaches_the_map_to_keep_and_the_floor_to_translate():
+    last = lambda G: [G.attention[-1].bias]  # noqa: E731  (a > 0.5 everywhere as it grows)
+    terms, G_A2B = attention_loss(lambda_identity=0.5, lambda_tv=0, lambda_floor=0, D=blind)
+    grad = torch.autograd.grad(terms["loss_map"], last(G_A2B))[0]
+    assert grad > 0  # keep: a falls where the content would change a real B image
+    terms, G_A2B = attention_loss(lambda_identity=0, lambda_tv=0, lambda_floor=0, D=blind)
+    assert not reaches(terms["loss_map"], G_A2B.attention.parameters())  # it was the identity term
+    terms, G_A2B = attention_loss(lambda_identity=0, lambda_tv=0, lambda_floor=0.3, D=blind)
+    assert torch.autograd.grad(terms["loss_map"], last(G_A2B))[0] < 0  # the floor pushes a up
+
+
+def test_test_py_loads_an_attention_generator_from_its_file(tmp_path):
     G = models.AttentionGenerator(3, 2)
     torch.save(G.state_dict(), tmp_path / "ours.pth")
-    torch.save({f"layer{i}": v for i, v in enumerate(G.state_dict().values())}, tmp_path / "renamed.pth")
+    torch.save({f"module.{k}": v for k, v in G.state_dict().items()}, tmp_path / "ddp.pth")
     x = torch.rand(1, 3, 21, 18) * 2 - 1
     want, want_map = translation.translate(G.eval(), x, attention=True)
-    for name in ("ours.pth", "renamed.pth"):
+    for name in ("ours.pth", "ddp.pth"):
         loaded = models.load_generator(tmp_path / name).eval()
         got, got_map = translation.translate(loaded, x, attention=True)
         assert type(loaded) is models.AttentionGenerator and torch.equal(got, want) and torch.equal(got_map, want_map)
     torch.save(models.Generator(3, 3, 2).state_dict(), tmp_path / "plain.pth")
     plain = models.load_generator(tmp_path / "plain.pth")
     assert type(plain) is models.Generator and translation.translate(plain, x, attention=True)[1] is None
-    with pytest.raises(ValueError, match="not a 1->1 channel generator"):  # the map channel is not an image's
+    with pytest.raises(ValueError, match="not a 1->1 channel generator"):
         models.load_generator(tmp_path / "ours.pth", 1, 1)
+    broken = {k: v for k, v in G.state_dict().items() if k != "attention.6.bias"}
+    torch.save(broken, tmp_path / "broken.pth")
+    with pytest.raises(ValueError, match="attention.. tensors do not fit this version's map network"):
+        models.load_generator(tmp_path / "broken.pth")
+
+
+def test_a_generator_of_the_first_attention_design_is_refused_in_one_line(tmp_path):
+    """The first design: the map was a fourth output channel of the generator's last convolution."""
+    first = models.Generator(3, 4, 2).state_dict()
+    torch.save(first, tmp_path / "first.pth")
+    with pytest.raises(ValueError, match="an --attention generator of the first design .* train it again") as e:
+        models.load_generator(tmp_path / "first.pth")
+    assert "\n" not in str(e.value)
 
 
 def test_the_sheet_shows_each_translations_map(monkeypatch):
@@ -96,12 +151,12 @@ def test_the_sheet_shows_each_translations_map(monkeypatch):
 
 
 def test_attention_needs_as_many_channels_in_as_out():
-    train_py = __import__("importlib").import_module("train")
     args = train_py.get_parser().parse_args(["--attention", "--input_nc", "1", "--lambda_identity", "0"])
     with pytest.raises(train_py.UserError, match="^--attention blends each translation with its input"):
         train_py.check_args(args)
 
 
+@pytest.mark.slow
 def test_an_attention_run_resumes_bit_for_bit_and_shows_its_maps(data, tmp_path):
     """--amp, FID (the tests' tiny extractor), sheets and figures on; SIGKILL at the first epoch's end (before its
     sheet), so the resumed run trains the second epoch from the checkpoint."""
@@ -116,7 +171,15 @@ def test_an_attention_run_resumes_bit_for_bit_and_shows_its_maps(data, tmp_path)
     for name in NETS:
         assert_same_weights(out / f"net{name}.pth", ref / f"net{name}.pth")
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
-    assert ckpt["args"]["attention"] and last_filters(ckpt["G_A2B"]) == 4  # 3 colours and the map
+    assert ckpt["args"]["attention"] and "attention.6.weight" in ckpt["G_A2B"]
+    header = (out / "losses.csv").read_text().splitlines()[0].split(",")
+    assert {"loss_map", "map_A", "map_B"} <= set(header)
+    for row in (out / "losses.csv").read_text().splitlines()[1:]:
+        assert all(0 <= float(row.split(",")[header.index(m)]) <= 1 for m in ("map_A", "map_B"))
+    first = {k: v for k, v in ckpt["G_A2B"].items() if not k.startswith("attention.")}
+    torch.save({**ckpt, "G_A2B": first}, tmp_path / "first_design.pth")
+    r = train(data, tmp_path / "branch", "--resume", tmp_path / "first_design.pth")
+    assert r.returncode == 1 and "an --attention run of the first design" in r.stderr, r.stderr
     for sheet in ("samples/epoch_001.png", "samples/epoch_002.png"):
         assert Image.open(out / sheet).tobytes() == Image.open(ref / sheet).tobytes()
     t = run_script("test.py", "--dataroot", data, "--output_dir", out, "--n_cpu", "0")
@@ -134,6 +197,7 @@ def test_an_attention_run_resumes_bit_for_bit_and_shows_its_maps(data, tmp_path)
     assert sheet in page.links and "index.html" in page.links
 
 
+@pytest.mark.slow
 def test_an_attention_run_with_two_discriminator_scales_under_torchrun_with_amp(data, tmp_path):
     """Both research options and --amp in one torchrun job (the suite has 10 minutes; each is also tested alone)."""
     r = torchrun(
@@ -155,5 +219,5 @@ def test_an_attention_run_with_two_discriminator_scales_under_torchrun_with_amp(
     )
     assert r.returncode == 0, r.stderr
     ckpt = torch.load(tmp_path / "ddp" / "checkpoint.pth", weights_only=True)
-    assert ckpt["world_size"] == 2 and last_filters(ckpt["G_B2A"]) == 4
+    assert ckpt["world_size"] == 2 and "attention.6.weight" in ckpt["G_B2A"]
     assert len([k for k in ckpt["D_B"] if k.endswith("model.0.weight")]) == 2

@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+import losses
 import models
 from conftest import FAST, ROOT, make_dataset, run_script
 from test_resume import wait_for_checkpoint
@@ -36,7 +37,7 @@ def test_one_scale_is_the_papers_discriminator_and_loads_the_seeds_files(tmp_pat
         and run.nets["D_A"].state_dict().keys() == seed_layout.keys()
     )
     maps = [torch.rand(2, 1, 6, 6), torch.rand(2, 1, 2, 2)]
-    assert torch.equal(models.lsgan(maps, 1.0), (models.lsgan(maps[0], 1.0) + models.lsgan(maps[1], 1.0)) / 2)
+    assert torch.equal(losses.lsgan(maps, 1.0), (losses.lsgan(maps[0], 1.0) + losses.lsgan(maps[1], 1.0)) / 2)
 
 
 def test_each_scale_sees_the_input_pooled_once_more():
