@@ -96,7 +96,7 @@ def add_training_flags(g):
     )
     g.add_argument("--lambda_tv", type=float, default=0.1, help="--attention: weight of the maps' total variation")
     g.add_argument(
-        "--lambda_floor", type=float, default=0.3, help="--attention: weight of mean(1 - map), against maps of 0"
+        "--lambda_floor", type=float, default=0.1, help="--attention: weight of mean(1 - map), against maps of 0"
     )
     g.add_argument(
         "--pool_size", type=int, default=50, help="fakes kept in each discriminator's replay buffer (0: none)"

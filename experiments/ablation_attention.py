@@ -3,7 +3,7 @@ scenes that carry a house which is the same in summer and winter (`python datase
 
     python experiments/ablation_attention.py                        # paper and attention, seeds 1-3, 600 steps each
     python experiments/ablation_attention.py --epochs 4              # 1,200 steps each
-    python experiments/ablation_attention.py --variants paper attention no_floor no_identity
+    python experiments/ablation_attention.py --variants paper attention no_floor floor_0.3 no_identity
     python experiments/ablation_attention.py --fid_weights W.pth     # with FID and KID (a local Inception weights file)
 
 Each (variant, seed) trains train.py from scratch with the quick start's flags (2 epochs of 300 steps at 32 px) and
@@ -32,7 +32,7 @@ VARIANTS = {  # name -> train.py flags
     "paper": [],
     "attention": ["--attention"],
     "no_floor": ["--attention", "--lambda_floor", "0"],
-    "floor_0.1": ["--attention", "--lambda_floor", "0.1"],
+    "floor_0.3": ["--attention", "--lambda_floor", "0.3"],
     "no_identity": ["--attention", "--lambda_identity", "0"],
 }
 
@@ -84,7 +84,7 @@ def translate(args, data, run, out, *extra):
     cmd = [sys.executable, str(ROOT / "test.py"), "--input", str(data / "test" / "A"), "--output_dir", str(out)]
     cmd += ["--generator", str(run / "netG_A2B.pth"), "--n_cpu", "0", *extra]
     if args.fid_weights:
-        cmd += ["--metrics", "--fid_weights", args.fid_weights, "--dataroot", str(data)]
+        cmd += ["--metrics", "--fid_weights", args.fid_weights, "--reference", str(data / "test" / "B")]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         sys.exit(f"test.py failed ({' '.join(cmd)}):\n{r.stderr[-3000:]}")
@@ -108,7 +108,7 @@ def one_run(args, data, variant, seed):
     row["masked"] = region_psnrs(run / "masked" / "B", data)
     maps = run / "whole" / "attention_B"
     row["map"] = map_scores(maps, data) if maps.is_dir() else None
-    found = re.search(r"^A2B\s.*?\s([\d.]+)\s+([\d.]+)", whole, re.M)
+    found = re.search(r"^A2B\s.*\s([\d.]+)\s+([\d.]+)\s*$", whole, re.M)  # the line's last two: FID, KID
     row["fid"], row["kid"] = (float(found[1]), float(found[2])) if found else (None, None)
     return row
 

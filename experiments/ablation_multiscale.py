@@ -100,7 +100,7 @@ def one_run(args, data, scales, seed):
     psnr = float(re.search(r"truth_B: ([\d.]+) dB", r.stdout)[1])
     fid = kid = None
     if metrics:
-        found = re.search(r"^A2B\s.*?\s([\d.]+)\s+([\d.]+)", r.stdout, re.M)
+        found = re.search(r"^A2B\s.*\s([\d.]+)\s+([\d.]+)\s*$", r.stdout, re.M)  # the line's last two: FID, KID
         fid, kid = (float(found[1]), float(found[2])) if found else (None, None)
     fakes = sorted((out / "test" / "B").glob("*.png"))
     reals = sorted((Path(data) / "test" / "B").glob("*.png"))
