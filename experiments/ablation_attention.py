@@ -13,8 +13,9 @@ scene, inside the house (mask below 128) and outside it; for attention generator
 the house (1 = translated) and its AUC as a house detector (1 - map as the score); FID and KID of the whole
 translations against test/B where the Inception weights are given. "meets" is the success test of issue 35 on
 every seed: map < 0.3 on the house and > 0.7 outside, PSNR inside the house >= 18 dB, outside within 1 dB of the
-paper's of the same seed. The table goes to stdout and OUTPUT/ablation.md; each run stays in OUTPUT/<variant>_seed<s>
-(a finished run is reused, so seeds and variants can be added to a table).
+paper's of the same seed. The table goes to stdout and OUTPUT/ablation_<steps>steps.md; each run stays in
+OUTPUT/<variant>_<steps>steps_seed<s>, with montage.png (input, truth, translation, map of six test scenes); a
+finished run is reused, so seeds and variants can be added to a table.
 """
 
 import argparse
@@ -91,6 +92,18 @@ def translate(args, data, run, out, *extra):
     return r.stdout
 
 
+def montage(run, data, n=6, zoom=4):
+    """run/montage.png: for the first n test scenes, a row of the summer input, the true winter scene, G_A2B's
+    translation and, for attention generators, its map (white: translated)."""
+    rows = []
+    for name in list(houses(data))[:n]:
+        folders = [data / "test" / "A", data / "test" / "truth_B", run / "whole" / "B", run / "whole" / "attention_B"]
+        cells = [np.asarray(Image.open(f / name).convert("RGB")) for f in folders if (f / name).is_file()]
+        rows.append(np.concatenate(cells, axis=1))
+    picture = Image.fromarray(np.concatenate(rows, axis=0))
+    picture.resize((picture.width * zoom, picture.height * zoom), Image.NEAREST).save(run / "montage.png")
+
+
 def one_run(args, data, variant, seed):
     """Train, translate whole and masked, measure: a dict of the table's columns."""
     run = Path(args.output) / f"{variant}_{args.epochs * 300}steps_seed{seed}"
@@ -108,6 +121,7 @@ def one_run(args, data, variant, seed):
     row["masked"] = region_psnrs(run / "masked" / "B", data)
     maps = run / "whole" / "attention_B"
     row["map"] = map_scores(maps, data) if maps.is_dir() else None
+    montage(run, data)
     found = re.search(r"^A2B\s.*\s([\d.]+)\s+([\d.]+)\s*$", whole, re.M)  # the line's last two: FID, KID
     row["fid"], row["kid"] = (float(found[1]), float(found[2])) if found else (None, None)
     return row
