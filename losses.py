@@ -48,7 +48,9 @@ class AttentionLoss(GeneratorLoss):
       + lambda_cycle * lambda_identity * identity of the blend        (keep: a real B image needs no change, so
                                                                        G_A2B's map falls to 0 where its content
                                                                        would change it)
-      + lambda_tv * total variation + lambda_floor * mean(1 - a)      (smooth maps; against collapse to "copy")."""
+      + lambda_tv * total variation + lambda_floor * mean(1 - a)      (smooth maps; against collapse to "copy").
+
+    The discriminators learn from two fakes per image, the blend and the content."""
 
     def __init__(self, G_A2B, G_B2A, lambda_cycle, lambda_identity, lambda_tv, lambda_floor):
         super().__init__(G_A2B, G_B2A, lambda_cycle, lambda_identity)

@@ -238,6 +238,7 @@ def train_step(
     fake_A_buffer, fake_B_buffer = buffers
 
     # ---- Generators: minimise GAN + lambda_cycle * cycle + lambda_cycle * lambda_identity * identity, D frozen ----
+    # (--attention: + the maps' loss_map, losses.AttentionLoss)
     set_requires_grad(discriminators, False)
     optimizer_G.zero_grad(set_to_none=True)
     with autocast:
@@ -259,9 +260,8 @@ def train_step(
 
     losses = {"loss_G": loss_G, **terms_G, "loss_D": loss_D, "loss_D_A": loss_D_A, "loss_D_B": loss_D_B}
     # Detached: an output with its grad_fn would keep parts of this step's graph alive through the next step.
-    return torch.stack([losses[name].detach().float() for name in names]), tuple(
-        x.detach() for x in (fake_A, fake_B, rec_A, rec_B)
-    )
+    images = tuple(x.detach() for x in (fake_A, fake_B, rec_A, rec_B))
+    return torch.stack([losses[name].detach().float() for name in names]), images
 
 
 def make_step(run, args, ddp=False):
@@ -276,13 +276,13 @@ def make_step(run, args, ddp=False):
     d_loss = DiscriminatorLoss(D_A, D_B)
     if ddp:  # each wrapped forward computes a whole loss: no network runs twice inside one DDP forward-backward
         g_loss, d_loss = DDP(g_loss), DDP(d_loss)
-    optimizers = run.optimizer_G, run.optimizer_D
     return functools.partial(
         train_step,
         g_loss,
         d_loss,
         (D_A, D_B),
-        *optimizers,
+        run.optimizer_G,
+        run.optimizer_D,
         run.scaler,
         run.autocast,
         run.buffers,
