@@ -20,16 +20,21 @@ class GeneratorLoss(nn.Module):
         self.lambda_cycle, self.lambda_identity = lambda_cycle, lambda_identity
 
     def forward(self, real_A, real_B, D_A, D_B):
+        out, terms = self.paper(self.G_A2B, self.G_B2A, real_A, real_B, D_A, D_B)
+        loss_G = terms["loss_G_GAN"] + terms["loss_G_cycle"] + terms["loss_G_identity"]
+        return (loss_G, terms), (out["fake_A"], out["fake_B"], out["rec_A"], out["rec_B"])
+
+    def paper(self, G_A2B, G_B2A, real_A, real_B, D_A, D_B):
+        """The paper's three terms for the networks G_A2B and G_B2A: (their outputs by name, the terms by name)."""
         identity = self.lambda_identity > 0
-        fake_B, idt_B = translations(self.G_A2B, real_A, real_B, identity)
-        fake_A, idt_A = translations(self.G_B2A, real_B, real_A, identity)
-        rec_A, rec_B = self.G_B2A(fake_B), self.G_A2B(fake_A)
+        fake_B, idt_B = translations(G_A2B, real_A, real_B, identity)
+        fake_A, idt_A = translations(G_B2A, real_B, real_A, identity)
+        rec_A, rec_B = G_B2A(fake_B), G_A2B(fake_A)
         loss_G_GAN = lsgan(D_B(fake_B), 1.0) + lsgan(D_A(fake_A), 1.0)
         loss_G_cycle = self.lambda_cycle * (F.l1_loss(rec_A, real_A) + F.l1_loss(rec_B, real_B))
         loss_G_identity = self.identity_loss(idt_A, real_A, idt_B, real_B)
-        loss_G = loss_G_GAN + loss_G_cycle + loss_G_identity
-        terms = {"loss_G_identity": loss_G_identity, "loss_G_GAN": loss_G_GAN, "loss_G_cycle": loss_G_cycle}
-        return (loss_G, terms), (fake_A, fake_B, rec_A, rec_B)
+        out = {"fake_A": fake_A, "fake_B": fake_B, "rec_A": rec_A, "rec_B": rec_B, "idt_A": idt_A, "idt_B": idt_B}
+        return out, {"loss_G_identity": loss_G_identity, "loss_G_GAN": loss_G_GAN, "loss_G_cycle": loss_G_cycle}
 
     def identity_loss(self, idt_A, real_A, idt_B, real_B):
         if idt_A is None:
@@ -61,12 +66,8 @@ class AttentionLoss(GeneratorLoss):
         G_A2B, G_B2A = self.G_A2B, self.G_B2A
 
         # ---- The contents: the paper's loss ----
-        content_B, idt_content_B = translations(G_A2B.model, real_A, real_B, identity)
-        content_A, idt_content_A = translations(G_B2A.model, real_B, real_A, identity)
-        rec_A, rec_B = G_B2A.model(content_B), G_A2B.model(content_A)
-        loss_G_GAN = lsgan(D_B(content_B), 1.0) + lsgan(D_A(content_A), 1.0)
-        loss_G_cycle = self.lambda_cycle * (F.l1_loss(rec_A, real_A) + F.l1_loss(rec_B, real_B))
-        loss_G_identity = self.identity_loss(idt_content_A, real_A, idt_content_B, real_B)
+        content, terms = self.paper(G_A2B.model, G_B2A.model, real_A, real_B, D_A, D_B)
+        content_A, content_B = content["fake_A"], content["fake_B"]
 
         # ---- The maps: where to use the content, which is held fixed ----
         map_B, idt_map_B = translations(G_A2B.map, real_A, real_B, identity)  # (B, 1, H, W) in [0, 1]
@@ -74,26 +75,19 @@ class AttentionLoss(GeneratorLoss):
         fake_B, fake_A = blend(content_B.detach(), map_B, real_A), blend(content_A.detach(), map_A, real_B)
         loss_map = lsgan(D_B(fake_B), 1.0) + lsgan(D_A(fake_A), 1.0)
         if identity:
-            idt_B = blend(idt_content_B.detach(), idt_map_B, real_B)
-            idt_A = blend(idt_content_A.detach(), idt_map_A, real_A)
+            idt_B = blend(content["idt_B"].detach(), idt_map_B, real_B)
+            idt_A = blend(content["idt_A"].detach(), idt_map_A, real_A)
             loss_map = loss_map + self.identity_loss(idt_A, real_A, idt_B, real_B)
         loss_map = loss_map + self.lambda_tv * (total_variation(map_A) + total_variation(map_B))
         loss_map = loss_map + self.lambda_floor * ((1 - map_A).mean() + (1 - map_B).mean())
 
-        loss_G = loss_G_GAN + loss_G_cycle + loss_G_identity + loss_map
-        terms = {
-            "loss_G_identity": loss_G_identity,
-            "loss_G_GAN": loss_G_GAN,
-            "loss_G_cycle": loss_G_cycle,
-            "loss_map": loss_map,
-            "map_A": map_A.mean(),
-            "map_B": map_B.mean(),
-        }
+        loss_G = terms["loss_G_GAN"] + terms["loss_G_cycle"] + terms["loss_G_identity"] + loss_map
+        terms.update(loss_map=loss_map, map_A=map_A.mean(), map_B=map_B.mean())
         # The discriminators learn from both: the contents (as the paper's do) and the blends, so that they also see
         # what a map keeps, and judge an untranslated region fake (learning only from the contents, they never saw
         # the source domain, and the maps kept whatever they scored well: green summer ground, docs/experiments.md).
         fakes_A, fakes_B = torch.cat([fake_A, content_A]), torch.cat([fake_B, content_B])  # the blends first: shown
-        return (loss_G, terms), (fakes_A, fakes_B, rec_A, rec_B)
+        return (loss_G, terms), (fakes_A, fakes_B, content["rec_A"], content["rec_B"])
 
 
 class DiscriminatorLoss(nn.Module):
