@@ -156,7 +156,8 @@ def translate_tiled(G, x, tile, progress=False):
         fix(tail, lambda norm: [collect(tail, norm, cut(q, crop, 4), relative(crop, core)) for crop, core in tiles()])
         y, a = None, None
         for crop, core in tiles():
-            out, attention = finish(G, cut(tail(cut(q, crop, 4)), relative(crop, core)), cut(x, crop), core, crop)
+            box = relative(crop, core)
+            out, attention = finish(G, cut(tail(cut(q, crop, 4)), box), cut(x, crop), box)
             if y is None:
                 y = out.new_empty(*out.shape[:2], *x.shape[-2:])
                 a = None if attention is None else out.new_empty(out.shape[0], 1, *x.shape[-2:])
@@ -169,11 +170,11 @@ def translate_tiled(G, x, tile, progress=False):
     return y, a
 
 
-def finish(G, y, x, core, crop):
-    """The generator's output and attention map (or None) of a tile: y, its layers' output over the core, and x, the
-    input over the crop (the map network's 2 px reach is inside the halo, so its map of the core is exact)."""
+def finish(G, y, x, box):
+    """The generator's output and attention map (or None) of a tile: y, its layers' output over the core, x, the
+    input over the crop, and box, the core within the crop (relative). The map network's 2 px reach is inside the
+    halo, so its map of the core is exact."""
     if isinstance(G, AttentionGenerator):
-        box = relative(crop, core)
         a = cut(G.map(x), box)
         return blend(y, a, cut(x, box)), a
     return y, None
