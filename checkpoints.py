@@ -177,11 +177,6 @@ def load_checkpoint(args, typed, parser, types):
     for k in saved.keys() & vars(args).keys() - typed - LOCAL_FLAGS:
         setattr(args, k, saved[k])
     check_device(ckpt, args, path)
-    if saved.get("attention") and not any(k.startswith("attention.") for k in ckpt["G_A2B"]):
-        raise UserError(
-            f"{path} is an --attention run of the first design (its map a channel of the generator's own output), "
-            f"which learned no map and which this version cannot resume (docs/experiments.md): start it again"
-        )
     return ckpt
 
 

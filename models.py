@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoints import load_weights
+from utils import UserError
 
 
 class Stop(Exception):
@@ -102,22 +103,20 @@ class AttentionGenerator(nn.Module):
     (keys attention.*) that says where to use it: a = sigmoid(attention(x)), and the output is the blend
     a * content + (1 - a) * x, so where a = 0 the input passes unchanged.
 
-    The map network is local on purpose: two 3x3 convolutions and a 1x1 (5 px receptive field, no normalisation)
+    The map network is local on purpose: three 3x3 convolutions and a 1x1 (7 px receptive field, no normalisation)
     see colours and edges, not the scene, so it cannot tell the domain from image statistics and mark a whole image
-    (what a map from the generator's own trunk did: docs/experiments.md). It starts at a = 0.5."""
+    (what a map from the generator's own trunk did: docs/experiments.md). It starts at a = 0.5. depth: its number of
+    3x3 convolutions (2 in the files of the 2026-12-07 release, which test.py still loads)."""
 
-    def __init__(self, nc, n_residual_blocks=9, width=32):
+    DEPTH = 3
+
+    def __init__(self, nc, n_residual_blocks=9, width=32, depth=DEPTH):
         super().__init__()
         self.model = Generator(nc, nc, n_residual_blocks).model
-        self.attention = nn.Sequential(
-            nn.ReflectionPad2d(1),
-            nn.Conv2d(nc, width, 3),
-            nn.ReLU(inplace=True),
-            nn.ReflectionPad2d(1),
-            nn.Conv2d(width, width, 3),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(width, 1, 1),
-        )
+        layers = []
+        for i in range(depth):
+            layers += [nn.ReflectionPad2d(1), nn.Conv2d(nc if i == 0 else width, width, 3), nn.ReLU(inplace=True)]
+        self.attention = nn.Sequential(*layers, nn.Conv2d(width, 1, 1))
 
     def forward(self, x, attention=False):
         content, a = self.model(x), self.map(x)
@@ -307,16 +306,37 @@ def load_generator(path, input_nc=3, output_nc=3):
     return with_map(netG, maps, path) if maps else netG
 
 
+def map_depth(state):
+    """How many 3x3 convolutions the attention.* tensors of a state_dict have."""
+    return sum(k.startswith("attention.") and v.dim() == 4 and v.shape[-1] == 3 for k, v in state.items())
+
+
+def check_map_design(state, path):
+    """Refuse, in one line, a resume whose generator state_dict is of an earlier --attention design."""
+    depth = map_depth(state)
+    if depth == 0:
+        raise UserError(
+            f"{path} is an --attention run of the first design (its map a channel of the generator's own output), "
+            f"which learned no map and which this version cannot resume (docs/experiments.md): start it again"
+        )
+    if depth != AttentionGenerator.DEPTH:
+        raise UserError(
+            f"{path} is an --attention run of the 2026-12-07 release, whose map network had {depth} 3x3 "
+            f"convolutions (this version's has {AttentionGenerator.DEPTH}: docs/experiments.md), so it cannot be "
+            f"resumed; test.py still translates with its generators; start training again to go on"
+        )
+
+
 def with_map(content, maps, path):
     """An AttentionGenerator of the loaded content generator and the file's attention.* tensors."""
     nc, n_blocks = content.model[1].in_channels, sum(isinstance(m, ResidualBlock) for m in content.model)
-    G = AttentionGenerator(nc, n_blocks)
+    G = AttentionGenerator(nc, n_blocks, depth=max(map_depth(maps), 1))
     try:
         G.attention.load_state_dict({k.removeprefix("attention."): v for k, v in maps.items()})
     except RuntimeError:  # missing, unexpected or misshapen tensors
         raise ValueError(
-            f"{path}: its attention.* tensors do not fit this version's map network (3x3, 3x3 and 1x1 convolutions, "
-            f"32 filters): is it a generator of train.py --attention?"
+            f"{path}: its attention.* tensors do not fit a map network of 3x3 convolutions and a 1x1 with 32 "
+            f"filters: is it a generator of train.py --attention?"
         ) from None
     G.model.load_state_dict(content.model.state_dict())
     return G

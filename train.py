@@ -33,7 +33,7 @@ from datasets import ImageDataset, skipped_summary, train_loader
 from epoch_end import EpochEnd
 from files import copy_histories, remove_leftovers
 from losses import AttentionLoss, DiscriminatorLoss, GeneratorLoss
-from models import max_scales
+from models import check_map_design, max_scales
 from report import run_logger
 from run_state import CHECKPOINT_TYPES, build, restore, save_checkpoint, steps_per_epoch
 from runtime import (
@@ -362,6 +362,8 @@ def open_output(args, typed, is_main):
     out = Path(args.output_dir)
     lock = lock_output_dir(out) if is_main and out.is_dir() else None
     ckpt = load_checkpoint(args, typed, get_parser(), CHECKPOINT_TYPES)
+    if ckpt is not None and args.attention:
+        check_map_design(ckpt["G_A2B"], resume_path(args))
     check_args(args, resuming=ckpt is not None)  # after the merge: a resumed run's flags with what was typed anew
     try:
         out.mkdir(parents=True, exist_ok=True)

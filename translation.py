@@ -172,7 +172,7 @@ def translate_tiled(G, x, tile, progress=False):
 
 def finish(G, y, x, box):
     """The generator's output and attention map (or None) of a tile: y, its layers' output over the core, x, the
-    input over the crop, and box, the core within the crop (relative). The map network's 2 px reach is inside the
+    input over the crop, and box, the core within the crop (relative). The map network's 3 px reach is inside the
     halo, so its map of the core is exact."""
     if isinstance(G, AttentionGenerator):
         a = cut(G.map(x), box)

@@ -37,8 +37,13 @@ def test_the_map_blends_the_content_with_the_input():
         G.attention[-1].bias.fill_(100.0)  # a = 1: the content alone, the paper's generator
         assert torch.allclose(G(x), G.model(x), atol=1e-6)
     assert set(G.state_dict()) - set(models.Generator(3, 3, 1).state_dict()) == {
-        f"attention.{i}.{p}" for i in (1, 4, 6) for p in ("weight", "bias")
+        f"attention.{i}.{p}" for i in (1, 4, 7, 9) for p in ("weight", "bias")
     }
+    x2, fresh = x.clone(), models.AttentionGenerator(3, 1)
+    x2[:, :, 8, 8] += 1  # one pixel changed: the map may change 3 px around it (7 px receptive field), not further
+    reach = (fresh.map(x2) - fresh.map(x)).abs()[0, 0] > 0
+    rows, cols = reach.nonzero().T
+    assert reach[8, 8] and rows.min() == cols.min() == 5 and rows.max() == cols.max() == 11
     assert losses.total_variation(torch.ones(1, 1, 5, 5)) == 0
     assert losses.total_variation(torch.eye(4)[None, None]) > 0
 
@@ -118,9 +123,15 @@ def test_test_py_loads_an_attention_generator_from_its_file(tmp_path):
     assert type(plain) is models.Generator and translation.translate(plain, x, attention=True)[1] is None
     with pytest.raises(ValueError, match="not a 1->1 channel generator"):
         models.load_generator(tmp_path / "ours.pth", 1, 1)
-    broken = {k: v for k, v in G.state_dict().items() if k != "attention.6.bias"}
+    release = models.AttentionGenerator(3, 2, depth=2)  # the 2026-12-07 release's map network: 5 px
+    torch.save(release.state_dict(), tmp_path / "release.pth")
+    loaded = models.load_generator(tmp_path / "release.pth").eval()
+    got, got_map = translation.translate(loaded, x, attention=True)
+    want, want_map = translation.translate(release.eval(), x, attention=True)
+    assert len(loaded.attention) == len(release.attention) and torch.equal(got, want) and torch.equal(got_map, want_map)
+    broken = {k: v for k, v in G.state_dict().items() if k != "attention.9.bias"}
     torch.save(broken, tmp_path / "broken.pth")
-    with pytest.raises(ValueError, match="attention.. tensors do not fit this version's map network"):
+    with pytest.raises(ValueError, match="attention.. tensors do not fit a map network of 3x3"):
         models.load_generator(tmp_path / "broken.pth")
 
 
@@ -171,7 +182,7 @@ def test_an_attention_run_resumes_bit_for_bit_and_shows_its_maps(data, tmp_path)
     for name in NETS:
         assert_same_weights(out / f"net{name}.pth", ref / f"net{name}.pth")
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
-    assert ckpt["args"]["attention"] and "attention.6.weight" in ckpt["G_A2B"]
+    assert ckpt["args"]["attention"] and "attention.9.weight" in ckpt["G_A2B"]
     header = (out / "losses.csv").read_text().splitlines()[0].split(",")
     assert {"loss_map", "map_A", "map_B"} <= set(header)
     for row in (out / "losses.csv").read_text().splitlines()[1:]:
@@ -180,6 +191,12 @@ def test_an_attention_run_resumes_bit_for_bit_and_shows_its_maps(data, tmp_path)
     torch.save({**ckpt, "G_A2B": first}, tmp_path / "first_design.pth")
     r = train(data, tmp_path / "branch", "--resume", tmp_path / "first_design.pth")
     assert r.returncode == 1 and "an --attention run of the first design" in r.stderr, r.stderr
+    release = models.AttentionGenerator(3, 1, depth=2).state_dict()
+    five_px = {**first, **{k: v for k, v in release.items() if k.startswith("attention.")}}
+    torch.save({**ckpt, "G_A2B": five_px}, tmp_path / "release.pth")
+    r = train(data, tmp_path / "branch", "--resume", tmp_path / "release.pth")
+    assert r.returncode == 1 and "an --attention run of the 2026-12-07 release" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "branch").exists()
     for sheet in ("samples/epoch_001.png", "samples/epoch_002.png"):
         assert Image.open(out / sheet).tobytes() == Image.open(ref / sheet).tobytes()
     t = run_script("test.py", "--dataroot", data, "--output_dir", out, "--n_cpu", "0")
@@ -219,5 +236,5 @@ def test_an_attention_run_with_two_discriminator_scales_under_torchrun_with_amp(
     )
     assert r.returncode == 0, r.stderr
     ckpt = torch.load(tmp_path / "ddp" / "checkpoint.pth", weights_only=True)
-    assert ckpt["world_size"] == 2 and "attention.6.weight" in ckpt["G_B2A"]
+    assert ckpt["world_size"] == 2 and "attention.9.weight" in ckpt["G_B2A"]
     assert len([k for k in ckpt["D_B"] if k.endswith("model.0.weight")]) == 2
