@@ -106,7 +106,7 @@ class AttentionGenerator(nn.Module):
     The map network is local on purpose: three 3x3 convolutions and a 1x1 (7 px receptive field, no normalisation)
     see colours and edges, not the scene, so it cannot tell the domain from image statistics and mark a whole image
     (what a map from the generator's own trunk did: docs/experiments.md). It starts at a = 0.5. depth: its number of
-    3x3 convolutions (2 in the files of the 2026-12-07 release, which test.py still loads)."""
+    3x3 convolutions (2 in the first version of this design, whose files test.py still loads)."""
 
     DEPTH = 3
 
@@ -321,9 +321,9 @@ def check_map_design(state, path):
         )
     if depth != AttentionGenerator.DEPTH:
         raise UserError(
-            f"{path} is an --attention run of the 2026-12-07 release, whose map network had {depth} 3x3 "
-            f"convolutions (this version's has {AttentionGenerator.DEPTH}: docs/experiments.md), so it cannot be "
-            f"resumed; test.py still translates with its generators; start training again to go on"
+            f"{path} is an --attention run with a {2 * depth + 1} px map network ({depth} 3x3 convolutions; this "
+            f"version's has {AttentionGenerator.DEPTH}: CHANGELOG.md), which this version cannot resume; test.py "
+            f"still translates with its generators; start training again to go on"
         )
 
 

@@ -123,7 +123,7 @@ def test_test_py_loads_an_attention_generator_from_its_file(tmp_path):
     assert type(plain) is models.Generator and translation.translate(plain, x, attention=True)[1] is None
     with pytest.raises(ValueError, match="not a 1->1 channel generator"):
         models.load_generator(tmp_path / "ours.pth", 1, 1)
-    release = models.AttentionGenerator(3, 2, depth=2)  # the 2026-12-07 release's map network: 5 px
+    release = models.AttentionGenerator(3, 2, depth=2)  # the design's first version: a 5 px map network
     torch.save(release.state_dict(), tmp_path / "release.pth")
     loaded = models.load_generator(tmp_path / "release.pth").eval()
     got, got_map = translation.translate(loaded, x, attention=True)
@@ -195,7 +195,7 @@ def test_an_attention_run_resumes_bit_for_bit_and_shows_its_maps(data, tmp_path)
     five_px = {**first, **{k: v for k, v in release.items() if k.startswith("attention.")}}
     torch.save({**ckpt, "G_A2B": five_px}, tmp_path / "release.pth")
     r = train(data, tmp_path / "branch", "--resume", tmp_path / "release.pth")
-    assert r.returncode == 1 and "an --attention run of the 2026-12-07 release" in r.stderr, r.stderr
+    assert r.returncode == 1 and "an --attention run with a 5 px map network" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "branch").exists()
     for sheet in ("samples/epoch_001.png", "samples/epoch_002.png"):
         assert Image.open(out / sheet).tobytes() == Image.open(ref / sheet).tobytes()
