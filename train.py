@@ -96,7 +96,10 @@ def add_training_flags(g):
     )
     g.add_argument("--lambda_tv", type=float, default=0.1, help="--attention: weight of the maps' total variation")
     g.add_argument(
-        "--lambda_floor", type=float, default=0.1, help="--attention: weight of mean(1 - map), against maps of 0"
+        "--lambda_floor",
+        type=float,
+        default=0.1,
+        help="--attention: weight of mean(1 - map): above 0 against maps of 0, below 0 a pull towards keeping",
     )
     g.add_argument(
         "--pool_size", type=int, default=50, help="fakes kept in each discriminator's replay buffer (0: none)"
@@ -178,7 +181,9 @@ def check_args(args, resuming=False):
             f"--size {args.size}: the generator needs a multiple of 4, the discriminator at least 24, "
             f"and memory grows with its square: at most {MAX_SIZE} (the paper trains at 256)"
         )
-    for flag in ("lr", "lambda_cycle", "lambda_identity", "lambda_tv", "lambda_floor"):
+    if not math.isfinite(args.lambda_floor):  # either sign: docs/experiments.md measured both
+        raise UserError(f"--lambda_floor {args.lambda_floor}: must be a finite number")
+    for flag in ("lr", "lambda_cycle", "lambda_identity", "lambda_tv"):
         value = getattr(args, flag)
         if not math.isfinite(value) or value < 0 or (flag == "lr" and value == 0):
             raise UserError(

@@ -97,7 +97,7 @@ def blind(x):  # a discriminator whose verdict does not depend on its input: the
     return x.sum() * 0
 
 
-def test_the_identity_of_the_blend_teaches_the_map_to_keep_and_the_floor_to_translate():
+def test_the_identity_of_the_blend_teaches_the_map_to_keep_and_the_floor_to_translate_or_keep_by_its_sign():
     last = lambda G: [G.attention[-1].bias]  # noqa: E731  (a > 0.5 everywhere as it grows)
     terms, G_A2B = attention_loss(lambda_identity=0.5, lambda_tv=0, lambda_floor=0, D=blind)
     grad = torch.autograd.grad(terms["loss_map"], last(G_A2B))[0]
@@ -106,6 +106,9 @@ def test_the_identity_of_the_blend_teaches_the_map_to_keep_and_the_floor_to_tran
     assert not reaches(terms["loss_map"], G_A2B.attention.parameters())  # it was the identity term
     terms, G_A2B = attention_loss(lambda_identity=0, lambda_tv=0, lambda_floor=0.3, D=blind)
     assert torch.autograd.grad(terms["loss_map"], last(G_A2B))[0] < 0  # the floor pushes a up
+    terms, G_A2B = attention_loss(lambda_identity=0, lambda_tv=0, lambda_floor=-0.3, D=blind)
+    assert torch.autograd.grad(terms["loss_map"], last(G_A2B))[0] > 0  # a negative floor pulls a down: keep
+    train_py.check_args(train_py.get_parser().parse_args(["--attention", "--lambda_floor", "-0.3"]))  # accepted
 
 
 def test_test_py_loads_an_attention_generator_from_its_file(tmp_path):
