@@ -307,8 +307,10 @@ def load_generator(path, input_nc=3, output_nc=3):
 
 
 def map_depth(state):
-    """How many 3x3 convolutions the attention.* tensors of a state_dict have."""
-    return sum(k.startswith("attention.") and v.dim() == 4 and v.shape[-1] == 3 for k, v in state.items())
+    """How many 3x3 convolutions the attention.* tensors of a state_dict have (a damaged checkpoint's non-tensors
+    are not counted: restoring it says what is wrong)."""
+    convs = [v for k, v in state.items() if str(k).startswith("attention.") and isinstance(v, torch.Tensor)]
+    return sum(v.dim() == 4 and v.shape[-1] == 3 for v in convs)
 
 
 def check_map_design(state, path):
