@@ -121,6 +121,7 @@ RUN_FLAGS = {
     "eval_freq",
     "keep_best",
     "no_figures",
+    "mask_dir",
 }
 
 

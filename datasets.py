@@ -277,13 +277,35 @@ def test_images(root, domain, nc, n=None, size=None):
             img = None
         if img is None:
             continue
-        if size:
-            img = resize_shorter_side(img, size)
-            left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
-            img = img.crop((left, top, left + size, top + size))
-        images.append(to_tensor(img))
+        images.append(to_tensor(center_crop(img, size) if size else img))
         paths.append(path)
     return images, paths
+
+
+def center_crop(img, size):
+    """The shorter side resized to `size` (bicubic), then the central size x size: a test image as a sample."""
+    img = resize_shorter_side(img, size)
+    left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def object_masks(mask_dir, paths, size):
+    """train.py --mask_dir: the masks of test images (the same file stem, test.py's convention: black on what is to be
+    kept), each resized to its image and cropped as test_images crops it: ((N, 1, size, size) bool, True on the
+    object; the indices of the paths that have a readable mask)."""
+    try:
+        files = {p.stem: p for p in reversed(list_images(mask_dir))}  # x.png before x.jpg: the first name wins
+    except ValueError:  # no image files at all
+        files = {}
+    masks, kept = [], []
+    for i, path in enumerate(paths):
+        try:
+            mask = load_image(files[path.stem], 1).resize(load_image(path).size, Image.BOX)
+        except Exception:  # no such mask, or one that cannot be decoded: this image is left out of the probe
+            continue
+        masks.append(torch.from_numpy(np.array(center_crop(mask, size)) < 128)[None])
+        kept.append(i)
+    return (torch.stack(masks) if masks else torch.zeros(0, 1, size, size, dtype=torch.bool)), kept
 
 
 def train_loader(dataset, batch_size, n_cpu, pin_memory, seed, rank=0, world_size=1):

@@ -53,20 +53,50 @@ def labelled_grid(cells, row_labels, column_labels, min_cell=128, pad=4):
     return np.asarray(canvas).transpose(2, 0, 1)
 
 
+class MapProbe:
+    """train.py --mask_dir: G_A2B's attention map of fixed test/A images, its mean on the objects their masks keep
+    and elsewhere, measured at each row of losses.csv (map_B_object, map_B_rest): a map that learns to keep the
+    object shows as the first falling while the second stays near 1; one that collapses, as both near 0 (it copies
+    its input) or both near 1 (it translates everything)."""
+
+    names = ["map_B_object", "map_B_rest"]
+
+    def __init__(self, G_A2B, images, masks):
+        """images: (N, C, s, s) on G_A2B's device in [-1, 1]; masks: (N, 1, s, s) bool, True on the object."""
+        self.G_A2B, self.images, self.masks = G_A2B, images, masks
+
+    @torch.inference_mode()
+    def __call__(self):
+        a = self.G_A2B.map(self.images).float()
+        return {"map_B_object": a[self.masks].mean().item(), "map_B_rest": a[~self.masks].mean().item()}
+
+
 class Logger:
     """Keeps each step's losses on the device and, once per display interval, averages them (one sync), appends a
     row to losses.csv, updates the progress bar (or prints a line when stderr is not a terminal) and hands the
     history to the visdom plotter. A non-finite loss raises FloatingPointError naming the loss and the step.
 
     output_dir None: a quiet logger (DDP ranks other than 0) that still averages and checks. average: a function
-    that averages a (steps, losses) tensor over processes (DDP), applied before anything else."""
+    that averages a (steps, losses) tensor over processes (DDP), applied before anything else. probe: a MapProbe,
+    whose columns each row also gets."""
 
     def __init__(
-        self, output_dir, names, batch_size, total_steps, step=0, seconds=0.0, plotter=None, window=100, average=None
+        self,
+        output_dir,
+        names,
+        batch_size,
+        total_steps,
+        step=0,
+        seconds=0.0,
+        plotter=None,
+        window=100,
+        average=None,
+        probe=None,
     ):
         self.path = output_dir and Path(output_dir) / "losses.csv"
         self.names, self.batch_size, self.total_steps, self.plotter = names, batch_size, total_steps, plotter
-        self.columns = ["step", "epoch", *names, "lr", "seconds"]
+        self.probe = probe  # columns measured at each flush rather than averaged over its steps (MapProbe)
+        self.columns = ["step", "epoch", *names, *(probe.names if probe else []), "lr", "seconds"]
         self.rows = self._read_history(step) if self.path else []
         self.window, self.pending, self.last_step, self.average = window, None, step, average
         self.k = 0  # steps logged in the current interval
@@ -120,6 +150,7 @@ class Logger:
             "step": step,
             "epoch": epoch,
             **dict(zip(self.names, values.mean(0).tolist())),
+            **(self.probe() if self.probe else {}),
             "lr": lr,
             "seconds": round(self.seconds(), 3),
         }
@@ -325,14 +356,15 @@ def ddp_mean(x, world_size):
     return x / world_size
 
 
-def run_logger(args, world, names, total_steps, run):
-    """train.py's logger: losses.csv, progress lines and visdom on rank 0; the losses shown are means over all ranks."""
+def run_logger(args, world, names, total_steps, run, probe=None):
+    """train.py's logger: losses.csv, progress lines and visdom on rank 0; the losses shown are means over all ranks.
+    probe: a MapProbe, on rank 0."""
     out = Path(args.output_dir)
     env = args.display_env or f"{Path(args.dataroot.rstrip('/')).name}_{out.resolve().name}"
     plotter = (
         None
         if args.no_visdom or not world.is_main
-        else VisdomPlotter(args.display_server, args.display_port, env, names)
+        else VisdomPlotter(args.display_server, args.display_port, env, names + (probe.names if probe else []))
     )
     average = functools.partial(ddp_mean, world_size=world.size) if world.ddp else None
     return Logger(
@@ -345,4 +377,5 @@ def run_logger(args, world, names, total_steps, run):
         plotter,
         window=args.display_freq,
         average=average,
+        probe=probe if world.is_main else None,
     )

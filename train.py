@@ -29,12 +29,12 @@ from checkpoints import (
     typed_flags,
 )
 from cuda_graph import CudaGraphStep
-from datasets import ImageDataset, skipped_summary, train_loader
+from datasets import ImageDataset, object_masks, skipped_summary, test_images, train_loader
 from epoch_end import EpochEnd
 from files import copy_histories, remove_leftovers
 from losses import AttentionLoss, DiscriminatorLoss, GeneratorLoss
 from models import check_map_design, max_scales
-from report import run_logger
+from report import MapProbe, run_logger
 from run_state import CHECKPOINT_TYPES, build, restore, save_checkpoint, steps_per_epoch
 from runtime import (
     chosen_device,
@@ -49,6 +49,7 @@ LOSS_NAMES = ["loss_G", "loss_G_identity", "loss_G_GAN", "loss_G_cycle", "loss_D
 MAP_NAMES = ["loss_map", "map_A", "map_B"]  # --attention: the maps' loss and their means (0 keeps, 1 translates)
 STOPPED_WAIT = 5  # seconds a stopped run waits for its last redraw, which then finishes on its own
 MAX_SIZE = 2048  # --size: 8x the paper's 256 px crops, already ~64x its memory
+PROBE_IMAGES = 32  # --mask_dir: test images whose maps losses.csv follows (cropped to --size)
 
 
 def get_parser():
@@ -77,6 +78,11 @@ def add_data_flags(g):
         "--d_scales", type=int, default=1, help="PatchGANs per discriminator, on the input pooled 0..K-1 times"
     )
     g.add_argument("--attention", action="store_true", help="generators that also output where to translate (a map)")
+    g.add_argument(
+        "--mask_dir",
+        type=str,
+        help="--attention: masks of test/A's images (black: to keep); losses.csv logs the map on and off them",
+    )
 
 
 def add_training_flags(g):
@@ -218,6 +224,10 @@ def check_args(args, resuming=False):
         raise UserError("--keep_best and --fid_weights go with --eval_freq K (FID and KID every K epochs)")
     if args.fid_weights and not Path(args.fid_weights).is_file():
         raise UserError(f"--fid_weights {args.fid_weights} is not a file: pass the Inception weights file")
+    if args.mask_dir is not None and not args.attention:
+        raise UserError("--mask_dir measures the attention maps of an --attention run: add --attention, or leave it")
+    if args.mask_dir is not None and not Path(args.mask_dir).is_dir():
+        raise UserError(f"--mask_dir {args.mask_dir} is not a folder: pass a folder of masks named as test/A's images")
 
 
 def train_step(
@@ -336,7 +346,9 @@ def main(args, typed=frozenset()):
     if features.graphs and not capture and not done:
         log("the step runs eagerly: " + ("--eager" if args.eager else "DDP" if world.ddp else "float16 loss scaling"))
     loader = train_loader(dataset, args.batchSize, args.n_cpu, features.pin_memory, args.seed, world.rank, world.size)
-    logger = run_logger(args, world, loss_names(args), steps_per_epoch(run, args, world.size) * args.n_epochs, run)
+    probe = map_probe(args, run) if args.mask_dir and world.is_main else None
+    total_steps = steps_per_epoch(run, args, world.size) * args.n_epochs
+    logger = run_logger(args, world, loss_names(args), total_steps, run, probe)
     stopper = Stopper(world.control, world.rank)  # Ctrl-C / SIGTERM: finish the step, save, exit
     at_epoch_end = ckpt is not None and run.epoch > 0 and run.sample == 0
     epoch_end = EpochEnd(args, ckpt and run.epoch, world.device, at_epoch_end) if world.is_main else None
@@ -393,6 +405,19 @@ def open_dataset(args, log):
     if dataset.skipped:
         log(skipped_summary(dataset.skipped), file=sys.stderr)
     return dataset
+
+
+def map_probe(args, run):
+    """--mask_dir: G_A2B's map on the first PROBE_IMAGES test/A images that have a mask, for losses.csv."""
+    images, paths = test_images(args.dataroot, "A", args.input_nc, PROBE_IMAGES, args.size)
+    masks, kept = object_masks(args.mask_dir, paths, args.size)
+    if not kept or masks.all() or not masks.any():
+        raise UserError(
+            f"--mask_dir {args.mask_dir}: no readable mask named as one of the first {PROBE_IMAGES} images of "
+            f"{Path(args.dataroot) / 'test' / 'A'}, or none with both black (the object to keep) and white"
+        )
+    real = torch.stack([images[i] for i in kept]).to(run.device, memory_format=run.memory_format)
+    return MapProbe(run.nets["G_A2B"], real, masks.to(run.device))
 
 
 def start_line(run, ckpt, args, world, saved_ranks):

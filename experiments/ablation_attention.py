@@ -13,9 +13,10 @@ scene, inside the house (mask below 128) and outside it; for attention generator
 the house (1 = translated) and its AUC as a house detector (1 - map as the score); FID and KID of the whole
 translations against test/B where the Inception weights are given. "meets" is the success test of issue 35 on
 every seed: map < 0.3 on the house and > 0.7 outside, PSNR inside the house >= 18 dB, outside within 1 dB of the
-paper's of the same seed. The table goes to stdout and OUTPUT/ablation_<steps>steps.md; each run stays in
-OUTPUT/<variant>_<steps>steps_seed<s>, with montage.png (input, truth, translation, map of six test scenes); a
-finished run is reused, so seeds and variants can be added to a table.
+paper's of the same seed. Attention runs train with --mask_dir test/mask_A, so their losses.csv follows the map
+on the houses (map_B_object) and elsewhere (map_B_rest) while they learn. The table goes to stdout and
+OUTPUT/ablation_<steps>steps.md; each run stays in OUTPUT/<variant>_<steps>steps_seed<s>, with montage.png (input,
+truth, translation, map of six test scenes); a finished run is reused, so seeds and variants can be added to a table.
 """
 
 import argparse
@@ -112,6 +113,8 @@ def one_run(args, data, variant, seed):
     cmd = [sys.executable, str(ROOT / "train.py"), "--dataroot", str(data), "--output_dir", str(run), *QUICK_START]
     cmd += ["--n_epochs", str(args.epochs), "--decay_epoch", str(args.epochs // 2), "--seed", str(seed)]
     cmd += VARIANTS[variant]
+    if "--attention" in cmd:  # losses.csv follows the map on and off the test scenes' houses while it trains
+        cmd += ["--mask_dir", str(data / "test" / "mask_A")]
     if not (run / "netG_A2B.pth").is_file():
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:

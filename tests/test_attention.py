@@ -4,13 +4,16 @@ FID during training, figures) and runs under torchrun."""
 
 import contextlib
 import signal
+from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
 
+import datasets
 import losses
 import models
+import report
 import run_state
 import train as train_py
 import translation
@@ -171,10 +174,41 @@ def test_attention_needs_as_many_channels_in_as_out():
 
 
 @pytest.mark.slow
+def write_masks(folder):
+    """Masks of the data fixture's first two test/A images, black (the object) on the same rectangle: the second's
+    file at half the size; the third image has none."""
+    folder.mkdir()
+    mask = Image.new("L", (28, 30), 255)
+    mask.paste(0, (4, 6, 14, 20))
+    mask.save(folder / "img 0 RGB.png")
+    mask.resize((14, 15), Image.NEAREST).save(folder / "img 1 RGB.png")
+    return folder
+
+
+def test_the_probe_measures_the_map_where_the_masks_are_black(data, tmp_path):
+    images, paths = datasets.test_images(data, "A", 3, train_py.PROBE_IMAGES, 24)
+    masks, kept = datasets.object_masks(write_masks(tmp_path / "masks"), paths, 24)
+    assert kept == [0, 1] and masks.shape == (2, 1, 24, 24) and torch.equal(masks[0], masks[1])
+    assert masks[0, 0, 11, 7] and not masks[0, 0, 0, 0]  # the rectangle's centre, scaled by 24/28; a corner
+    images = torch.stack([images[i] for i in kept])
+    G = models.AttentionGenerator(3, 1)
+    probe = report.MapProbe(G, images, masks)
+    G.map = lambda x: (~masks).float()  # 0 exactly on the object, 1 off it
+    assert probe() == {"map_B_object": 0.0, "map_B_rest": 1.0}
+    G.map = lambda x: (x[:, :1] + 1) / 2  # the images' red, scaled to [0, 1]: the probe shows G its images
+    red = (images[:, :1] + 1) / 2
+    assert probe() == {"map_B_object": red[masks].mean().item(), "map_B_rest": red[~masks].mean().item()}
+    args = train_py.get_parser().parse_args(["--dataroot", str(data), "--attention", "--mask_dir", str(tmp_path)])
+    run = SimpleNamespace(device=torch.device("cpu"), memory_format=torch.contiguous_format, nets={"G_A2B": G})
+    with pytest.raises(train_py.UserError, match=r"^--mask_dir .*: no readable mask named as one of the first 32"):
+        train_py.map_probe(args, run)  # tmp_path holds no image named as a test image
+
+
 def test_an_attention_run_resumes_bit_for_bit_and_shows_its_maps(data, tmp_path):
-    """--amp, FID (the tests' tiny extractor), sheets and figures on; SIGKILL at the first epoch's end (before its
-    sheet), so the resumed run trains the second epoch from the checkpoint."""
-    flags = ["--attention", "--amp"]
+    """--amp, FID (the tests' tiny extractor), sheets and figures on, the maps followed on masked test images;
+    SIGKILL at the first epoch's end (before its sheet), so the resumed run trains the second epoch from the
+    checkpoint."""
+    flags = ["--attention", "--amp", "--mask_dir", write_masks(tmp_path / "masks")]
     ref, out = tmp_path / "reference", tmp_path / "run"
     r = train(data, ref, *flags)
     assert r.returncode == 0, r.stderr
@@ -187,9 +221,17 @@ def test_an_attention_run_resumes_bit_for_bit_and_shows_its_maps(data, tmp_path)
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ckpt["args"]["attention"] and "attention.9.weight" in ckpt["G_A2B"]
     header = (out / "losses.csv").read_text().splitlines()[0].split(",")
-    assert {"loss_map", "map_A", "map_B"} <= set(header)
-    for row in (out / "losses.csv").read_text().splitlines()[1:]:
-        assert all(0 <= float(row.split(",")[header.index(m)]) <= 1 for m in ("map_A", "map_B"))
+    assert {"loss_map", "map_A", "map_B", "map_B_object", "map_B_rest"} <= set(header)
+    rows = {run: [r.split(",") for r in (run / "losses.csv").read_text().splitlines()[1:]] for run in (ref, out)}
+    maps = [header.index(m) for m in ("map_A", "map_B", "map_B_object", "map_B_rest")]
+    assert [[r[i] for i in maps] for r in rows[out]] == [[r[i] for i in maps] for r in rows[ref]]
+    assert all(0 <= float(r[i]) <= 1 for r in rows[out] for i in maps)
+    images, paths = datasets.test_images(data, "A", 3, train_py.PROBE_IMAGES, 24)  # the last row: the final G_A2B's
+    masks, kept = datasets.object_masks(tmp_path / "masks", paths, 24)
+    with torch.no_grad():
+        a = models.load_generator(out / "netG_A2B.pth").map(torch.stack([images[i] for i in kept]))
+    assert float(rows[out][-1][maps[2]]) == pytest.approx(a[masks].mean().item(), abs=1e-6)
+    assert float(rows[out][-1][maps[3]]) == pytest.approx(a[~masks].mean().item(), abs=1e-6)
     first = {k: v for k, v in ckpt["G_A2B"].items() if not k.startswith("attention.")}
     torch.save({**ckpt, "G_A2B": first}, tmp_path / "first_design.pth")
     r = train(data, tmp_path / "branch", "--resume", tmp_path / "first_design.pth")

@@ -387,6 +387,8 @@ def test_odd_names_are_each_translated_to_a_distinct_printable_output(tmp_path):
         (["--display_port", "0"], "--display_port 0"),
         (["--n_blocks", "100000"], "--n_blocks 100000: at most 64"),
         (["--eval_freq", "1", "--fid_weights", "no/such.pth"], "--fid_weights no/such.pth is not a file"),
+        (["--mask_dir", "."], "--mask_dir measures the attention maps of an --attention run"),
+        (["--attention", "--mask_dir", "no/such"], "--mask_dir no/such is not a folder"),
     ],
 )
 def test_flags_that_cannot_work_are_named(flags, words):
