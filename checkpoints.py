@@ -167,6 +167,8 @@ def load_checkpoint(args, typed, parser, types):
     if wrong:
         raise UserError(f"{path} is not a checkpoint of train.py: {wrong}")
     saved = ckpt["args"]
+    if isinstance(saved.get("lambda_floor"), float):  # weight of mean(1 - map) until 2026-12-07: the same gradient
+        saved["lambda_sparsity"] = -saved.pop("lambda_floor")
     changed = {k for k in typed - RUN_FLAGS - LOCAL_FLAGS if k in saved and getattr(args, k) != saved[k]}
     if changed:
         kind = "architecture" if changed & ARCH_FLAGS else "training"

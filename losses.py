@@ -53,13 +53,15 @@ class AttentionLoss(GeneratorLoss):
       + lambda_cycle * lambda_identity * identity of the blend        (keep: a real B image needs no change, so
                                                                        G_A2B's map falls to 0 where its content
                                                                        would change it)
-      + lambda_tv * total variation + lambda_floor * mean(1 - a)      (smooth maps; against collapse to "copy").
+      + lambda_tv * total variation + lambda_sparsity * mean(a)       (smooth maps; a pull towards keeping, as
+                                                                       Chen et al.'s sparsity; below 0 it keeps
+                                                                       the maps from collapsing to "copy").
 
     The discriminators learn from two fakes per image, the blend and the content."""
 
-    def __init__(self, G_A2B, G_B2A, lambda_cycle, lambda_identity, lambda_tv, lambda_floor):
+    def __init__(self, G_A2B, G_B2A, lambda_cycle, lambda_identity, lambda_tv, lambda_sparsity):
         super().__init__(G_A2B, G_B2A, lambda_cycle, lambda_identity)
-        self.lambda_tv, self.lambda_floor = lambda_tv, lambda_floor
+        self.lambda_tv, self.lambda_sparsity = lambda_tv, lambda_sparsity
 
     def forward(self, real_A, real_B, D_A, D_B):
         identity = self.lambda_identity > 0
@@ -79,7 +81,7 @@ class AttentionLoss(GeneratorLoss):
             idt_A = blend(content["idt_A"].detach(), idt_map_A, real_A)
             loss_map = loss_map + self.identity_loss(idt_A, real_A, idt_B, real_B)
         loss_map = loss_map + self.lambda_tv * (total_variation(map_A) + total_variation(map_B))
-        loss_map = loss_map + self.lambda_floor * ((1 - map_A).mean() + (1 - map_B).mean())
+        loss_map = loss_map + self.lambda_sparsity * (map_A.mean() + map_B.mean())
 
         loss_G = terms["loss_G_GAN"] + terms["loss_G_cycle"] + terms["loss_G_identity"] + loss_map
         terms.update(loss_map=loss_map, map_A=map_A.mean(), map_B=map_B.mean())

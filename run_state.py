@@ -94,9 +94,8 @@ def build(args, device, rank=0, epoch_size=1):
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         # Each rank keeps its own replay buffers; rank 0's are seeded as in a single-process run. --attention's
         # discriminators learn from two fakes per image: the content and the blend (losses.AttentionLoss).
-        buffers=(
-            ReplayBuffer(args.pool_size, args.seed + 2 * rank, per_image=2 if args.attention else 1),
-            ReplayBuffer(args.pool_size, args.seed + 2 * rank + 1, per_image=2 if args.attention else 1),
+        buffers=tuple(
+            ReplayBuffer(args.pool_size, args.seed + 2 * rank + k, per_image=2 if args.attention else 1) for k in (0, 1)
         ),
         epoch=args.epoch,
         device=device,

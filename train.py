@@ -102,10 +102,10 @@ def add_training_flags(g):
     )
     g.add_argument("--lambda_tv", type=float, default=0.1, help="--attention: weight of the maps' total variation")
     g.add_argument(
-        "--lambda_floor",
+        "--lambda_sparsity",
         type=float,
-        default=0.1,
-        help="--attention: weight of mean(1 - map): above 0 against maps of 0, below 0 a pull towards keeping",
+        default=0.3,
+        help="--attention: weight of the maps' mean, a pull towards keeping the input; below 0, against maps of 0",
     )
     g.add_argument(
         "--pool_size", type=int, default=50, help="fakes kept in each discriminator's replay buffer (0: none)"
@@ -187,8 +187,8 @@ def check_args(args, resuming=False):
             f"--size {args.size}: the generator needs a multiple of 4, the discriminator at least 24, "
             f"and memory grows with its square: at most {MAX_SIZE} (the paper trains at 256)"
         )
-    if not math.isfinite(args.lambda_floor):  # either sign: docs/experiments.md measured both
-        raise UserError(f"--lambda_floor {args.lambda_floor}: must be a finite number")
+    if not math.isfinite(args.lambda_sparsity):  # either sign: docs/experiments.md measured both
+        raise UserError(f"--lambda_sparsity {args.lambda_sparsity}: must be a finite number")
     for flag in ("lr", "lambda_cycle", "lambda_identity", "lambda_tv"):
         value = getattr(args, flag)
         if not math.isfinite(value) or value < 0 or (flag == "lr" and value == 0):
@@ -284,7 +284,7 @@ def make_step(run, args, ddp=False):
     choices_B)."""
     G_A2B, G_B2A, D_A, D_B = run.nets.values()
     g_loss = (
-        AttentionLoss(G_A2B, G_B2A, args.lambda_cycle, args.lambda_identity, args.lambda_tv, args.lambda_floor)
+        AttentionLoss(G_A2B, G_B2A, args.lambda_cycle, args.lambda_identity, args.lambda_tv, args.lambda_sparsity)
         if args.attention
         else GeneratorLoss(G_A2B, G_B2A, args.lambda_cycle, args.lambda_identity)
     )

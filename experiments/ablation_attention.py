@@ -3,7 +3,7 @@ scenes that carry a house which is the same in summer and winter (`python datase
 
     python experiments/ablation_attention.py                        # paper and attention, seeds 1-3, 600 steps each
     python experiments/ablation_attention.py --epochs 4              # 1,200 steps each
-    python experiments/ablation_attention.py --variants paper attention no_floor sparsity_0.1 sparsity_0.3
+    python experiments/ablation_attention.py --variants paper attention floor_0.1 no_sparsity sparsity_0.1
     python experiments/ablation_attention.py --fid_weights W.pth     # with FID and KID (a local Inception weights file)
 
 Each (variant, seed) trains train.py from scratch with the quick start's flags (2 epochs of 300 steps at 32 px) and
@@ -33,11 +33,11 @@ QUICK_START = ["--size", "32", "--lr", "0.0005", "--n_cpu", "0", "--no_visdom", 
 VARIANTS = {  # name -> train.py flags
     "paper": [],
     "attention": ["--attention"],
-    "no_floor": ["--attention", "--lambda_floor", "0"],
-    "floor_0.3": ["--attention", "--lambda_floor", "0.3"],
+    "no_sparsity": ["--attention", "--lambda_sparsity", "0"],
+    "sparsity_0.1": ["--attention", "--lambda_sparsity", "0.1"],
+    "floor_0.1": ["--attention", "--lambda_sparsity", "-0.1"],  # a floor against maps of 0, not a pull to keep
+    "floor_0.3": ["--attention", "--lambda_sparsity", "-0.3"],
     "no_identity": ["--attention", "--lambda_identity", "0"],
-    "sparsity_0.1": ["--attention", "--lambda_floor", "-0.1"],  # a pull towards keeping, not a floor
-    "sparsity_0.3": ["--attention", "--lambda_floor", "-0.3"],
 }
 
 

@@ -51,11 +51,11 @@ def test_the_map_blends_the_content_with_the_input():
     assert losses.total_variation(torch.eye(4)[None, None]) > 0
 
 
-def attention_loss(lambda_identity=0.5, lambda_tv=0.1, lambda_floor=0.3, D=None):
+def attention_loss(lambda_identity=0.5, lambda_tv=0.1, lambda_sparsity=0.3, D=None):
     """(the logged terms, G_A2B) of one AttentionLoss forward on random images."""
     torch.manual_seed(0)
     G_A2B, G_B2A = models.AttentionGenerator(3, 1), models.AttentionGenerator(3, 1)
-    loss = losses.AttentionLoss(G_A2B, G_B2A, 10.0, lambda_identity, lambda_tv, lambda_floor)
+    loss = losses.AttentionLoss(G_A2B, G_B2A, 10.0, lambda_identity, lambda_tv, lambda_sparsity)
     real_A, real_B = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
     D_A, D_B = (models.Discriminator(3), models.Discriminator(3)) if D is None else (D, D)
     (loss_G, terms), (fakes_A, fakes_B, _, _) = loss(real_A, real_B, D_A, D_B)
@@ -100,18 +100,18 @@ def blind(x):  # a discriminator whose verdict does not depend on its input: the
     return x.sum() * 0
 
 
-def test_the_identity_of_the_blend_teaches_the_map_to_keep_and_the_floor_to_translate_or_keep_by_its_sign():
+def test_the_identity_of_the_blend_and_the_sparsity_teach_the_map_to_keep_and_a_negative_one_to_translate():
     last = lambda G: [G.attention[-1].bias]  # noqa: E731  (a > 0.5 everywhere as it grows)
-    terms, G_A2B = attention_loss(lambda_identity=0.5, lambda_tv=0, lambda_floor=0, D=blind)
+    terms, G_A2B = attention_loss(lambda_identity=0.5, lambda_tv=0, lambda_sparsity=0, D=blind)
     grad = torch.autograd.grad(terms["loss_map"], last(G_A2B))[0]
     assert grad > 0  # keep: a falls where the content would change a real B image
-    terms, G_A2B = attention_loss(lambda_identity=0, lambda_tv=0, lambda_floor=0, D=blind)
+    terms, G_A2B = attention_loss(lambda_identity=0, lambda_tv=0, lambda_sparsity=0, D=blind)
     assert not reaches(terms["loss_map"], G_A2B.attention.parameters())  # it was the identity term
-    terms, G_A2B = attention_loss(lambda_identity=0, lambda_tv=0, lambda_floor=0.3, D=blind)
-    assert torch.autograd.grad(terms["loss_map"], last(G_A2B))[0] < 0  # the floor pushes a up
-    terms, G_A2B = attention_loss(lambda_identity=0, lambda_tv=0, lambda_floor=-0.3, D=blind)
-    assert torch.autograd.grad(terms["loss_map"], last(G_A2B))[0] > 0  # a negative floor pulls a down: keep
-    train_py.check_args(train_py.get_parser().parse_args(["--attention", "--lambda_floor", "-0.3"]))  # accepted
+    terms, G_A2B = attention_loss(lambda_identity=0, lambda_tv=0, lambda_sparsity=0.3, D=blind)
+    assert torch.autograd.grad(terms["loss_map"], last(G_A2B))[0] > 0  # the sparsity pulls a down: keep
+    terms, G_A2B = attention_loss(lambda_identity=0, lambda_tv=0, lambda_sparsity=-0.3, D=blind)
+    assert torch.autograd.grad(terms["loss_map"], last(G_A2B))[0] < 0  # below 0, a floor: it pushes a up
+    train_py.check_args(train_py.get_parser().parse_args(["--attention", "--lambda_sparsity", "-0.3"]))  # accepted
 
 
 def test_test_py_loads_an_attention_generator_from_its_file(tmp_path):
@@ -208,12 +208,15 @@ def test_an_attention_run_resumes_bit_for_bit_and_shows_its_maps(data, tmp_path)
     """--amp, FID (the tests' tiny extractor), sheets and figures on, the maps followed on masked test images;
     SIGKILL at the first epoch's end (before its sheet), so the resumed run trains the second epoch from the
     checkpoint."""
-    flags = ["--attention", "--amp", "--mask_dir", write_masks(tmp_path / "masks")]
+    flags = ["--attention", "--amp", "--mask_dir", write_masks(tmp_path / "masks"), "--lambda_sparsity", "-0.1"]
     ref, out = tmp_path / "reference", tmp_path / "run"
     r = train(data, ref, *flags)
     assert r.returncode == 0, r.stderr
     assert train(data, out, *flags, kill_before="sheet", env={"KILL_EPOCH": "1"}).returncode == -signal.SIGKILL
     assert not (out / "samples" / "epoch_001.png").exists()
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)  # as a run of the flag's first name saved it
+    ckpt["args"]["lambda_floor"] = -ckpt["args"].pop("lambda_sparsity")
+    torch.save(ckpt, out / "checkpoint.pth")
     r = train(data, out, "--resume")
     assert r.returncode == 0, r.stderr
     for name in NETS:

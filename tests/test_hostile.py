@@ -383,7 +383,7 @@ def test_odd_names_are_each_translated_to_a_distinct_printable_output(tmp_path):
         (["--input_nc", "0"], "--input_nc 0: images are read as gray (1) or RGB (3)"),
         (["--size", "100000"], "--size 100000"),
         (["--lambda_cycle", "-1"], "--lambda_cycle -1.0"),
-        (["--lambda_floor", "nan"], "--lambda_floor nan: must be a finite number"),
+        (["--lambda_sparsity", "nan"], "--lambda_sparsity nan: must be a finite number"),
         (["--display_port", "0"], "--display_port 0"),
         (["--n_blocks", "100000"], "--n_blocks 100000: at most 64"),
         (["--eval_freq", "1", "--fid_weights", "no/such.pth"], "--fid_weights no/such.pth is not a file"),
