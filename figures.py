@@ -38,7 +38,7 @@ except ImportError:
 # imports this module for Background, and the command answers a wrong folder at once.
 
 LOSSES = ["loss_G", "loss_D", "loss_G_cycle", "loss_G_GAN", "loss_G_identity", "loss_D_A", "loss_D_B"]
-LOSSES += ["loss_map", "map_A", "map_B", "lr"]  # the maps' columns: --attention runs only
+LOSSES += ["loss_map", "map_A", "map_B", "map_B_object", "map_B_rest", "lr"]  # --attention runs only (--mask_dir)
 DIRECTIONS = ["A2B", "B2A"]
 BEST = "best_netG.json"  # which epoch best_netG_*.pth hold (train.py --keep_best)
 TITLES = {  # what each curve is, from models.py's objective and train.py's step
@@ -49,9 +49,11 @@ TITLES = {  # what each curve is, from models.py's objective and train.py's step
     "loss_G_identity": "loss_G_identity: L1 of G_A2B(B) to B, …",
     "loss_D_A": "loss_D_A: real A → 1, fake A → 0",
     "loss_D_B": "loss_D_B: real B → 1, fake B → 0",
-    "loss_map": "loss_map: the maps' GAN, identity, TV and floor",
+    "loss_map": "loss_map: the maps' GAN, identity, TV and sparsity",
     "map_A": "map_A: mean of G_B2A's map (1 translates)",
     "map_B": "map_B: mean of G_A2B's map (1 translates)",
+    "map_B_object": "map_B_object: G_A2B's map on the masks' objects (0 keeps)",
+    "map_B_rest": "map_B_rest: G_A2B's map off the masks' objects (1 translates)",
     "lr": "learning rate",
     "fid": "FID against the real test images (lower is better)",
     "kid": "KID ×100 ± std (lower is better)",

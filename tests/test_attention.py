@@ -260,6 +260,7 @@ def test_an_attention_run_resumes_bit_for_bit_and_shows_its_maps(data, tmp_path)
     page = Links()
     page.feed((out / "training.html").read_text())
     assert sheet in page.links and "index.html" in page.links
+    assert all((out / "plots" / f"{name}.svg").is_file() for name in ("map_B", "map_B_object", "map_B_rest"))
 
 
 @pytest.mark.slow
