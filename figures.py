@@ -39,6 +39,7 @@ except ImportError:
 
 LOSSES = ["loss_G", "loss_D", "loss_G_cycle", "loss_G_GAN", "loss_G_identity", "loss_D_A", "loss_D_B"]
 LOSSES += ["loss_map", "map_A", "map_B", "map_B_object", "map_B_rest", "lr"]  # --attention runs only (--mask_dir)
+MEASURED = {"map_B_object", "map_B_rest"}  # taken at each row of losses.csv, not averaged over its steps
 DIRECTIONS = ["A2B", "B2A"]
 BEST = "best_netG.json"  # which epoch best_netG_*.pth hold (train.py --keep_best)
 TITLES = {  # what each curve is, from models.py's objective and train.py's step
@@ -127,7 +128,8 @@ def run_data(output_dir, decay_epoch=None):
 
 
 def plot_loss(ax, name, data):
-    """One column of losses.csv: the interval means as a thin line, the epoch means as markers on a line."""
+    """One column of losses.csv: the interval means (MEASURED: the values at each row) as a thin line, the epoch
+    means as markers on a line."""
     rows, means = data["rows"], data["means"]
     ax.plot(
         [r["epoch"] for r in rows],
@@ -135,7 +137,7 @@ def plot_loss(ax, name, data):
         lw=0.8,
         color="C0",
         alpha=0.7,
-        label="interval mean",
+        label="at each row" if name in MEASURED else "interval mean",
         gid="interval-mean",
     )
     ax.plot(
