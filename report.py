@@ -358,7 +358,7 @@ def ddp_mean(x, world_size):
 
 def run_logger(args, world, names, total_steps, run, probe=None):
     """train.py's logger: losses.csv, progress lines and visdom on rank 0; the losses shown are means over all ranks.
-    probe: a MapProbe, on rank 0."""
+    probe: a MapProbe (train.py builds it on rank 0 only)."""
     out = Path(args.output_dir)
     env = args.display_env or f"{Path(args.dataroot.rstrip('/')).name}_{out.resolve().name}"
     plotter = (
@@ -377,5 +377,5 @@ def run_logger(args, world, names, total_steps, run, probe=None):
         plotter,
         window=args.display_freq,
         average=average,
-        probe=probe if world.is_main else None,
+        probe=probe,
     )

@@ -174,7 +174,6 @@ def test_attention_needs_as_many_channels_in_as_out():
         train_py.check_args(args)
 
 
-@pytest.mark.slow
 def write_masks(folder):
     """Masks of the data fixture's first two test/A images, black (the object) on the same rectangle: the second's
     file at half the size; the third image has none."""
@@ -205,6 +204,7 @@ def test_the_probe_measures_the_map_where_the_masks_are_black(data, tmp_path):
         train_py.map_probe(args, run)  # tmp_path holds no image named as a test image
 
 
+@pytest.mark.slow
 def test_an_attention_run_resumes_bit_for_bit_and_shows_its_maps(data, tmp_path):
     """--amp, FID (the tests' tiny extractor), sheets and figures on, the maps followed on masked test images;
     SIGKILL at the first epoch's end (before its sheet), so the resumed run trains the second epoch from the
